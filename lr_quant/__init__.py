@@ -1,0 +1,31 @@
+"""lr_quant: LR-nets (local reparameterization over discrete weights) for Brevitas."""
+
+from . import distributions, functional
+from .distributions import get_distribution
+from .freeze import freeze, is_frozen, unfreeze
+from .nn import (LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear, lr_layers,
+                 lr_regularization)
+from .quant import (LRBinaryWeightPerChannelFloat, LRBinaryWeightPerTensorConst,
+                    LRTernaryWeightPerChannelFloat, LRTernaryWeightPerTensorConst, lr_weight_quant)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "distributions",
+    "functional",
+    "get_distribution",
+    "freeze",
+    "unfreeze",
+    "is_frozen",
+    "LRQuantLinear",
+    "LRQuantConv1d",
+    "LRQuantConv2d",
+    "LRQuantConv3d",
+    "lr_layers",
+    "lr_regularization",
+    "LRBinaryWeightPerTensorConst",
+    "LRBinaryWeightPerChannelFloat",
+    "LRTernaryWeightPerTensorConst",
+    "LRTernaryWeightPerChannelFloat",
+    "lr_weight_quant",
+]

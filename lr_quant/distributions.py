@@ -1,0 +1,394 @@
+"""Discrete weight distributions for LR-nets.
+
+Every weight w of an LR layer is an independent discrete random variable over a small,
+sorted value set v_1 < ... < v_K, parameterized by unconstrained real logits. This module
+holds only the math (no Brevitas): probabilities, moments, mode, sampling, entropy,
+regularizers and the initialization from a pretrained full-precision weight.
+
+Moments are always computed as
+    mu  = sum_k p_k v_k
+    var = sum_k p_k (v_k - mu)^2
+never as E[w^2] - mu^2, which cancels to negative numbers when the distribution is
+nearly deterministic.
+
+Distributions are found by name through a small registry (larq-style)::
+
+    get_distribution("binary")
+    get_distribution("ternary")
+    get_distribution("categorical", values=(-2, -1, 0, 1, 2))
+
+# References
+- Shayer, Levi, Fetaya. "Learning Discrete Weights Using the Local Reparameterization
+  Trick". ICLR 2018. (binary and ternary parameterization, initialization, regularizers)
+- Roth, Schindler, Fröning, Pernkopf. "Training Discrete-Valued Neural Networks with
+  Sign Activations Using Weight Distributions". ECML-PKDD 2019. (softmax over any value set)
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC
+from abc import abstractmethod
+from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "WeightDistribution",
+    "BinaryDistribution",
+    "TernaryDistribution",
+    "CategoricalDistribution",
+    "register_distribution",
+    "get_distribution",
+    "available_distributions",
+    "normalize_pretrained_weight",
+    "check_probability_bounds",
+]
+
+DEFAULT_P_MIN = 0.05
+DEFAULT_P_MAX = 0.95
+
+
+def check_probability_bounds(p_min: float, p_max: float) -> None:
+    if not (0.0 < p_min < p_max < 1.0):
+        raise ValueError(
+            f"probability bounds must satisfy 0 < p_min < p_max < 1, got p_min={p_min}, "
+            f"p_max={p_max}")
+
+
+def _logit(p: Tensor) -> Tensor:
+    return torch.log(p) - torch.log1p(-p)
+
+
+def normalize_pretrained_weight(weight: Tensor, low: float = -1.0, high: float = 1.0) -> Tensor:
+    """Shayer's normalization of a pretrained weight: w = clip(W / std(W), low, high).
+
+    std is taken over the whole tensor (per layer). Raises on non-finite or constant input.
+    """
+    if not torch.is_tensor(weight) or not weight.is_floating_point():
+        raise TypeError(f"pretrained weight must be a floating point tensor, got {type(weight)}")
+    if weight.numel() < 2:
+        raise ValueError("pretrained weight needs at least 2 elements to estimate its std")
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"pretrained weight has {bad} non-finite values (NaN/inf)")
+    w = weight.detach().double()
+    std = w.std()
+    if not std > 0:
+        raise ValueError("pretrained weight is constant (std = 0): cannot normalize it")
+    return (w / std).clamp(low, high)
+
+
+class WeightDistribution(ABC):
+    """A factorized distribution over a discrete value set, one per weight.
+
+    Subclasses define the logits layout (`logits_shape`) and `probabilities`; the moments,
+    mode, sampling and entropy follow from them. All methods accept logits of shape
+    `logits_shape(weight_shape)` and return tensors of `weight_shape` (probabilities carry
+    a leading value axis of size K).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, values: Sequence[float]):
+        self.values = _validate_values(values)
+        # Values materialized lazily per (dtype, device).
+        self._values_cache: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+
+    # -- description -------------------------------------------------------------------
+    @property
+    def num_values(self) -> int:
+        return len(self.values)
+
+    @property
+    def precision(self) -> int:
+        """Bits needed to store one discrete weight (larq's `precision` tag)."""
+        return max(1, math.ceil(math.log2(self.num_values)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(values={self.values})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.values == other.values
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.values))
+
+    def values_tensor(self, like: Tensor) -> Tensor:
+        key = (like.dtype, like.device)
+        if key not in self._values_cache:
+            self._values_cache[key] = torch.tensor(self.values, dtype=like.dtype, device=like.device)
+        return self._values_cache[key]
+
+    def _values_view(self, like: Tensor, ndim: int) -> Tensor:
+        return self.values_tensor(like).view(-1, *([1] * ndim))
+
+    # -- parameterization --------------------------------------------------------------
+    @abstractmethod
+    def logits_shape(self, weight_shape: Sequence[int]) -> Tuple[int, ...]:
+        """Shape of the logits tensor that parameterizes a weight of `weight_shape`."""
+
+    @abstractmethod
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """p[k, ...] = P(w = v_k), shape (K, *weight_shape)."""
+
+    def weight_shape(self, logits: Tensor) -> Tuple[int, ...]:
+        return tuple(logits.shape[1:])
+
+    def check_logits(self, logits: Tensor, weight_shape: Sequence[int]) -> None:
+        expected = self.logits_shape(weight_shape)
+        if tuple(logits.shape) != expected:
+            raise ValueError(
+                f"{self.name} logits for a weight of shape {tuple(weight_shape)} must have "
+                f"shape {expected}, got {tuple(logits.shape)}")
+
+    # -- statistics --------------------------------------------------------------------
+    def moments(self, logits: Tensor) -> Tuple[Tensor, Tensor]:
+        """(mean, variance) with var = sum_k p_k (v_k - mu)^2 (no cancellation)."""
+        p = self.probabilities(logits)
+        v = self._values_view(p, p.dim() - 1)
+        mean = (p * v).sum(0)
+        var = (p * (v - mean.unsqueeze(0)).square()).sum(0)
+        return mean, var
+
+    def mean(self, logits: Tensor) -> Tensor:
+        return self.moments(logits)[0]
+
+    def variance(self, logits: Tensor) -> Tensor:
+        return self.moments(logits)[1]
+
+    def mode(self, logits: Tensor) -> Tensor:
+        """Most probable value of each weight (ties resolve to the smaller value)."""
+        p = self.probabilities(logits)
+        return self.values_tensor(p)[p.argmax(0)]
+
+    def sample(self, logits: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """One discrete weight tensor drawn from the distribution (inverse CDF)."""
+        p = self.probabilities(logits).detach()
+        u = torch.rand(p.shape[1:], generator=generator, dtype=p.dtype, device=p.device)
+        cdf = p.cumsum(0)
+        index = (u.unsqueeze(0) > cdf).sum(0).clamp_(max=self.num_values - 1)
+        return self.values_tensor(p)[index]
+
+    def entropy(self, logits: Tensor) -> Tensor:
+        """Per-weight entropy H = -sum_k p_k log p_k (nats)."""
+        p = self.probabilities(logits)
+        return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(0)
+
+    @abstractmethod
+    def regularizer(self, logits: Tensor) -> Tensor:
+        """Scalar penalty that pushes the distribution toward determinism / small logits."""
+
+    # -- initialization ----------------------------------------------------------------
+    @abstractmethod
+    def init_logits(
+            self,
+            weight: Tensor,
+            p_min: float = DEFAULT_P_MIN,
+            p_max: float = DEFAULT_P_MAX) -> Tensor:
+        """Logits whose mean follows a pretrained weight (Shayer et al. 2018, sec. 3.3)."""
+
+    def init_logits_from_scratch(
+            self,
+            weight_shape: Sequence[int],
+            generator: Optional[torch.Generator] = None,
+            p_min: float = DEFAULT_P_MIN,
+            p_max: float = DEFAULT_P_MAX) -> Tensor:
+        """Logits for training from scratch: the pretrained init applied to a Gaussian draw."""
+        weight = torch.randn(tuple(weight_shape), generator=generator, dtype=torch.float64)
+        return self.init_logits(weight, p_min, p_max)
+
+
+def _validate_values(values: Sequence[float]) -> Tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"value set must be a sequence of numbers, got {values!r}") from e
+    if len(vals) < 2:
+        raise ValueError(f"value set needs at least 2 values, got {vals}")
+    if len(vals) > 256:
+        raise ValueError(f"value set has {len(vals)} values; at most 256 are supported")
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"value set must be finite, got {vals}")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"value set has duplicate values: {vals}")
+    if list(vals) != sorted(vals):
+        raise ValueError(f"value set must be sorted in increasing order, got {vals}")
+    return vals
+
+
+class BinaryDistribution(WeightDistribution):
+    """w in {-1, +1} with P(w = +1) = sigmoid(theta) (Shayer et al. 2018).
+
+    mu = tanh(theta / 2) = 2p - 1,  var = 4 p (1 - p) = 1 - mu^2,
+    regularizer ("beta"): sum p (1 - p).
+    The logits have the weight's shape.
+    """
+
+    name = "binary"
+
+    def __init__(self, values: Sequence[float] = (-1.0, 1.0)):
+        super().__init__(values)
+        if self.values != (-1.0, 1.0):
+            raise ValueError(
+                f"binary distribution is over (-1, +1), got {self.values}; use "
+                f"'categorical' for other value sets")
+
+    def logits_shape(self, weight_shape):
+        return tuple(weight_shape)
+
+    def weight_shape(self, logits):
+        return tuple(logits.shape)
+
+    def probabilities(self, logits):
+        return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)])
+
+    def moments(self, logits):
+        mean = torch.tanh(0.5 * logits)
+        var = 4.0 * torch.sigmoid(logits) * torch.sigmoid(-logits)
+        return mean, var
+
+    def mode(self, logits):
+        one = torch.ones((), dtype=logits.dtype, device=logits.device)
+        return torch.where(logits >= 0, one, -one)
+
+    def sample(self, logits, generator=None):
+        p = torch.sigmoid(logits.detach())
+        u = torch.rand(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+        one = torch.ones((), dtype=p.dtype, device=p.device)
+        return torch.where(u < p, one, -one)
+
+    def entropy(self, logits):
+        # H = softplus(-t) + softplus(t) - ... written stably: H = softplus(t) - t * sigmoid(t)
+        return F.softplus(logits) - logits * torch.sigmoid(logits)
+
+    def regularizer(self, logits):
+        p = torch.sigmoid(logits)
+        return (p * (1.0 - p)).sum()
+
+    def init_logits(self, weight, p_min=DEFAULT_P_MIN, p_max=DEFAULT_P_MAX):
+        check_probability_bounds(p_min, p_max)
+        w = normalize_pretrained_weight(weight)
+        p = (0.5 * (1.0 + w)).clamp(p_min, p_max)
+        return _logit(p).to(weight.dtype)
+
+
+class TernaryDistribution(WeightDistribution):
+    """w in {-1, 0, +1} with Shayer's two sigmoids (Shayer et al. 2018).
+
+    logits[0] = a, logits[1] = b:  P(w = 0) = sigmoid(a),  P(w = +1 | w != 0) = sigmoid(b).
+    mu = (1 - p0)(2q - 1); regularizer ("probability decay"): L2 on the logits.
+    Init: p0 = p_max - (p_max - p_min)|w|, q = clip(0.5 (1 + w / (1 - p0)), p_min, p_max),
+    so that mu = w wherever the clip on q is inactive.
+    """
+
+    name = "ternary"
+
+    def __init__(self, values: Sequence[float] = (-1.0, 0.0, 1.0)):
+        super().__init__(values)
+        if self.values != (-1.0, 0.0, 1.0):
+            raise ValueError(
+                f"ternary distribution is over (-1, 0, +1), got {self.values}; use "
+                f"'categorical' for other value sets")
+
+    def logits_shape(self, weight_shape):
+        return (2, *weight_shape)
+
+    def probabilities(self, logits):
+        a, b = logits[0], logits[1]
+        p_zero = torch.sigmoid(a)
+        p_nonzero = torch.sigmoid(-a)
+        return torch.stack([p_nonzero * torch.sigmoid(-b), p_zero, p_nonzero * torch.sigmoid(b)])
+
+    def regularizer(self, logits):
+        return logits.square().sum()
+
+    def init_logits(self, weight, p_min=DEFAULT_P_MIN, p_max=DEFAULT_P_MAX):
+        check_probability_bounds(p_min, p_max)
+        w = normalize_pretrained_weight(weight)
+        p_zero = p_max - (p_max - p_min) * w.abs()
+        q = (0.5 * (1.0 + w / (1.0 - p_zero))).clamp(p_min, p_max)
+        return torch.stack([_logit(p_zero), _logit(q)]).to(weight.dtype)
+
+
+class CategoricalDistribution(WeightDistribution):
+    """w in any sorted value set, P(w = v_k) = softmax(logits)_k (Roth et al. 2019).
+
+    The logits carry a leading axis of size K. Regularizer: L2 on the logits.
+    Init from a pretrained weight: w = clip(W / std(W), v_1, v_K); the mass (1 - K p_min)
+    is split between the two values that bracket w' = (w - K p_min vbar) / (1 - K p_min)
+    (linear interpolation) and every value gets the floor p_min, so mu = w exactly where
+    no clip is active.
+    """
+
+    name = "categorical"
+
+    def logits_shape(self, weight_shape):
+        return (self.num_values, *weight_shape)
+
+    def probabilities(self, logits):
+        return torch.softmax(logits, dim=0)
+
+    def regularizer(self, logits):
+        return logits.square().sum()
+
+    def init_logits(self, weight, p_min=DEFAULT_P_MIN, p_max=DEFAULT_P_MAX):
+        check_probability_bounds(p_min, p_max)
+        k = self.num_values
+        if k * p_min >= 1.0:
+            raise ValueError(
+                f"p_min={p_min} is too large for {k} values (needs {k} * p_min < 1)")
+        v = torch.tensor(self.values, dtype=torch.float64)
+        w = normalize_pretrained_weight(weight, self.values[0], self.values[-1])
+        target = ((w - k * p_min * v.mean()) / (1.0 - k * p_min)).clamp(v[0], v[-1])
+        upper = torch.searchsorted(v, target.contiguous(), right=False).clamp(1, k - 1)
+        lower = upper - 1
+        frac = (target - v[lower]) / (v[upper] - v[lower])
+        p = torch.full((k, *w.shape), p_min, dtype=torch.float64)
+        p.scatter_add_(0, lower.unsqueeze(0), ((1.0 - k * p_min) * (1.0 - frac)).unsqueeze(0))
+        p.scatter_add_(0, upper.unsqueeze(0), ((1.0 - k * p_min) * frac).unsqueeze(0))
+        return torch.log(p).to(weight.dtype)
+
+
+_REGISTRY: Dict[str, Callable[..., WeightDistribution]] = {}
+
+
+def register_distribution(name: str, factory: Callable[..., WeightDistribution]) -> None:
+    """Register a distribution factory under a string name (larq-style alias)."""
+    if name in _REGISTRY:
+        raise ValueError(f"distribution {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def available_distributions() -> Tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_distribution(
+        spec: Union[str, WeightDistribution, dict, None], **kwargs) -> WeightDistribution:
+    """Resolve a distribution from a name, a dict {"name": ..., **kwargs} or an instance."""
+    if isinstance(spec, WeightDistribution):
+        if kwargs:
+            raise TypeError("keyword arguments are only accepted with a distribution name")
+        return spec
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        return get_distribution(name, **spec, **kwargs)
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"distribution must be a name, a dict or a WeightDistribution, got {spec!r}")
+    if spec not in _REGISTRY:
+        raise ValueError(
+            f"unknown weight distribution {spec!r}; choose one of {available_distributions()}")
+    try:
+        return _REGISTRY[spec](**kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad arguments for distribution {spec!r}: {e}") from e
+
+
+register_distribution("binary", BinaryDistribution)
+register_distribution("ternary", TernaryDistribution)
+register_distribution("categorical", CategoricalDistribution)

@@ -1,0 +1,99 @@
+"""Local reparameterization of a layer with random discrete weights.
+
+For a linear operator A (a matmul or a convolution, any stride / padding / dilation /
+groups) and independent weights with mean mu_w and variance var_w, the central limit
+theorem makes every pre-activation approximately Gaussian with
+
+    deterministic input x:        m = A(x; mu_w) + b,  v = A(x^2; var_w)
+    stochastic input (m_x, v_x):  m = A(m_x; mu_w) + b,
+                                  v = A(m_x^2; var_w) + A(v_x; mu_w^2 + var_w)
+
+and it is sampled as z = m + sqrt(v + eps) * e, with one e ~ N(0, 1) per output element.
+`op` is the layer's own linear operator ``op(input, weight, bias)`` (e.g. F.linear or a
+partial of F.conv2d), so the same code serves every layer kind.
+
+Numerics: the variance path is a sum of non-negative terms (no cancellation); under
+float16 autocast it is computed in float32 (x^2 overflows float16 for |x| > 256), and the
+square root and the noise are applied in float32.
+
+# References
+- Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization
+  Trick". NeurIPS 2015.
+- Shayer, Levi, Fetaya. "Learning Discrete Weights Using the Local Reparameterization
+  Trick". ICLR 2018.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["LinearOp", "lr_moments", "lr_sample", "DEFAULT_EPS"]
+
+LinearOp = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+
+DEFAULT_EPS = 1e-8
+
+
+def _variance_op(op: LinearOp, x: Tensor, weight: Tensor) -> Tensor:
+    """op(x, weight) for the variance path, in float32 under float16 autocast."""
+    if torch.is_autocast_enabled(x.device.type) and \
+            torch.get_autocast_dtype(x.device.type) == torch.float16:
+        with torch.autocast(x.device.type, enabled=False):
+            return op(x.float(), weight.float(), None)
+    return op(x, weight, None)
+
+
+def lr_moments(
+        op: LinearOp,
+        x: Tensor,
+        weight_mean: Tensor,
+        weight_var: Tensor,
+        bias: Optional[Tensor] = None,
+        x_var: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Mean and variance of the pre-activation op(x, w) + bias for random weights w.
+
+    Args:
+        op: the layer's linear operator, op(input, weight, bias).
+        x: the input, or the input mean m_x when `x_var` is given.
+        weight_mean, weight_var: per-weight mean and variance (weight-shaped).
+        bias: deterministic bias added to the mean.
+        x_var: variance of a stochastic input independent of the weights (or None).
+    """
+    if weight_mean.shape != weight_var.shape:
+        raise ValueError(
+            f"weight mean and variance shapes differ: {tuple(weight_mean.shape)} vs "
+            f"{tuple(weight_var.shape)}")
+    if x_var is not None and x_var.shape != x.shape:
+        raise ValueError(
+            f"input mean and variance shapes differ: {tuple(x.shape)} vs {tuple(x_var.shape)}")
+    mean = op(x, weight_mean, bias)
+    var = _variance_op(op, x * x, weight_var)
+    if x_var is not None:
+        var = var + _variance_op(op, x_var, weight_mean * weight_mean + weight_var)
+    return mean, var
+
+
+def lr_sample(
+        mean: Tensor,
+        var: Tensor,
+        eps: float = DEFAULT_EPS,
+        noise: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None) -> Tensor:
+    """z = mean + sqrt(var + eps) * e, e ~ N(0, 1) i.i.d. per element.
+
+    The square root and the noise are computed in at least float32; the result has the
+    dtype of `mean`. Pass `noise` to reuse a draw (e.g. for finite differences).
+    """
+    compute_dtype = torch.promote_types(mean.dtype, torch.float32)
+    # var >= 0 by construction (sums of non-negative products): no clamp, which would
+    # zero the gradient at var = 0.
+    std = torch.sqrt(var.to(compute_dtype) + eps)
+    if noise is None:
+        noise = torch.randn(
+            mean.shape, generator=generator, dtype=compute_dtype, device=mean.device)
+    elif noise.shape != mean.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != mean shape {tuple(mean.shape)}")
+    return (mean.to(compute_dtype) + std * noise).to(mean.dtype)

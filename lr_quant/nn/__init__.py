@@ -1,0 +1,14 @@
+"""Brevitas layers built on lr_quant's quantizers."""
+
+from .lr_layers import (LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear,
+                        LRWeightMixin, lr_layers, lr_regularization)
+
+__all__ = [
+    "LRWeightMixin",
+    "LRQuantLinear",
+    "LRQuantConv1d",
+    "LRQuantConv2d",
+    "LRQuantConv3d",
+    "lr_layers",
+    "lr_regularization",
+]

@@ -1,0 +1,377 @@
+"""LR layers: Brevitas QuantLinear / QuantConv subclasses whose weights are distributions.
+
+Parameters of an LR layer:
+    weight_logits   logits of the per-weight discrete distribution (trained)
+    weight          the *materialized discrete network*: mode(logits) * s, kept in sync
+                    (not trained; what Brevitas quantizes, exports and what a stock
+                    Brevitas layer with the same quantizer would load)
+    weight_quant.…  the quantizer's learned per-channel scale, if any
+s = quantizer scale / grid unit is the per-channel scale alpha (1 for const quantizers).
+
+Forward (Shayer et al. 2018, local reparameterization):
+    train(), not frozen:  z = m + sqrt(v + eps) * e,   m = op(x; E[w] s) + b,
+                          v = op(x^2; Var[w] s^2)      (see lr_quant.functional)
+    eval() or frozen:     the parent Brevitas layer with the deterministic weight, so
+                          Brevitas' QONNX export emits BipolarQuant / Quant for it.
+
+Only `inner_forward_impl` is overridden (Brevitas runs input_quant -> quant_weight ->
+bias_quant -> inner_forward_impl -> output_quant): padding modes, same-padding, groups
+and dilation all come from the parent's operator, called twice.
+
+A float state dict (no `weight_logits` key) loads as a pretrained initialization: the
+logits, the scale and the materialized weight are derived from the float weight. That
+makes `LRQuantConv2d.from_float(conv)` and Brevitas' `layerwise_quantize` (strict, or
+`assign=True` on the meta device) work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from brevitas.nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+from brevitas.quant_tensor import QuantTensor
+from torch import Tensor, nn
+
+from ..distributions import DEFAULT_P_MAX, DEFAULT_P_MIN, WeightDistribution
+from ..functional import DEFAULT_EPS, lr_moments, lr_sample
+from ..quant.weight import (LRBinaryWeightPerTensorConst, distribution_from_quantizer,
+                            integer_grid, threshold_factor)
+
+__all__ = [
+    "LRWeightMixin",
+    "LRQuantLinear",
+    "LRQuantConv1d",
+    "LRQuantConv2d",
+    "LRQuantConv3d",
+    "lr_layers",
+    "lr_regularization",
+]
+
+_FROZEN_KEY = "lr_frozen"
+
+
+def _value(x):
+    return x.value if isinstance(x, QuantTensor) else x
+
+
+class LRWeightMixin:
+    """Local-reparameterization forward on top of a Brevitas weight layer.
+
+    Place before the Brevitas class: ``class LRQuantLinear(LRWeightMixin, QuantLinear)``.
+    """
+
+    def _init_lr(self, p_min: float, p_max: float, eps: float) -> None:
+        if not self.weight_quant.is_quant_enabled:
+            raise ValueError(
+                f"{type(self).__name__} needs an LR weight quantizer (weight_quant=None "
+                f"disables weight quantization); use e.g. LRBinaryWeightPerTensorConst")
+        self.lr_distribution: WeightDistribution = distribution_from_quantizer(self.weight_quant)
+        self.lr_unit, _, bit_width = integer_grid(self.lr_distribution.values)
+        # a learned scale parameter stores unit * alpha * factor (Brevitas' threshold)
+        self.lr_parameter_factor = self.lr_unit * threshold_factor(bit_width)
+        if eps < 0:
+            raise ValueError(f"lr_eps must be >= 0, got {eps}")
+        self.lr_p_min, self.lr_p_max, self.lr_eps = float(p_min), float(p_max), float(eps)
+        # validates the bounds too (raises on bad p_min / p_max)
+        logits = self.lr_distribution.init_logits(self.weight.detach(), p_min, p_max)
+        self.weight_logits = nn.Parameter(logits)
+        self.weight.requires_grad_(False)
+        self.register_buffer(_FROZEN_KEY, torch.zeros((), dtype=torch.bool, device=self.weight.device))
+        self._synced_versions = None
+        self.register_load_state_dict_post_hook(LRWeightMixin._materialize_after_load)
+        with torch.no_grad():
+            self._init_scale_from_float(self.weight.detach())
+        self.materialize_weight()
+
+    # -- helpers -------------------------------------------------------------------------
+    @property
+    def is_lr_frozen(self) -> bool:
+        return bool(getattr(self, _FROZEN_KEY))
+
+    @property
+    def _lr_ready(self) -> bool:
+        return "weight_logits" in self._parameters
+
+    def _scale_parameter_name(self) -> Optional[str]:
+        names = [n for n, _ in self.named_parameters() if n.startswith("weight_quant.")]
+        if len(names) > 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: weight quantizer has several parameters {names}; "
+                f"LR layers support one learned scale")
+        return names[0] if names else None
+
+    def _float_scale(self, float_weight: Tensor, shape) -> Tensor:
+        """Scale parameter for alpha = mean |W| per output channel (XNOR-net), as `shape`."""
+        dims = [d for d in range(float_weight.dim()) if d != self.output_channel_dim]
+        alpha = float_weight.abs().mean(dim=dims) if dims else float_weight.abs()
+        alpha = alpha.clamp_min(torch.finfo(torch.float32).tiny)
+        return (self.lr_parameter_factor * alpha).reshape(shape)
+
+    def _init_scale_from_float(self, float_weight: Tensor) -> None:
+        name = self._scale_parameter_name()
+        if name is not None:
+            param = self.get_parameter(name)
+            param.copy_(self._float_scale(float_weight, param.shape).to(param))
+
+    def lr_scale(self) -> Tensor:
+        """Per-channel multiplier s (broadcastable to the weight), with gradient."""
+        return self.quant_weight().scale / self.lr_unit
+
+    def _param_versions(self) -> Tuple[int, ...]:
+        name = self._scale_parameter_name()
+        tensors = [self.weight_logits, self.weight] + ([self.get_parameter(name)] if name else [])
+        return tuple(t._version for t in tensors)
+
+    # -- distribution views --------------------------------------------------------------
+    def weight_moments(self, scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(E[w] s, Var[w] s^2): the moments of the scaled weight."""
+        mean, var = self.lr_distribution.moments(self.weight_logits)
+        if scale is None:
+            scale = self.lr_scale()
+        return mean * scale, var * (scale * scale)
+
+    def lr_regularizer(self) -> Tensor:
+        """The distribution's regularizer on this layer's logits (beta / probability decay)."""
+        return self.lr_distribution.regularizer(self.weight_logits)
+
+    @torch.no_grad()
+    def clamp_logits_(self, bound: float) -> None:
+        """Clamp the logits to [-bound, bound] in place (e.g. 4.6 ~ p in [0.01, 0.99])."""
+        self.weight_logits.clamp_(-bound, bound)
+
+    @torch.no_grad()
+    def materialize_weight(self, discrete: Optional[Tensor] = None) -> None:
+        """weight <- discrete * s, with `discrete` the mode of the logits by default."""
+        if discrete is None:
+            discrete = self.lr_distribution.mode(self.weight_logits)
+        scale = self.quant_weight().scale / self.lr_unit
+        self.weight.copy_((discrete * scale).to(self.weight.dtype))
+        self._synced_versions = self._param_versions()
+
+    @torch.no_grad()
+    def freeze(self, how: str = "mode", generator: Optional[torch.Generator] = None) -> None:
+        """Fix the discrete weights: the mode, or one sample ("sample", with `generator`).
+
+        A frozen layer computes with its discrete weights in train() too (as needed to
+        re-estimate BatchNorm statistics); `unfreeze()` returns to LR training.
+        """
+        if how == "mode":
+            discrete = None
+        elif how == "sample":
+            discrete = self.lr_distribution.sample(self.weight_logits, generator=generator)
+        else:
+            raise ValueError(f"freeze how={how!r}: choose 'mode' or 'sample'")
+        self.materialize_weight(discrete)
+        getattr(self, _FROZEN_KEY).fill_(True)
+
+    @torch.no_grad()
+    def unfreeze(self) -> None:
+        getattr(self, _FROZEN_KEY).fill_(False)
+        self.materialize_weight()
+
+    # -- nn.Module hooks -----------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode and self._lr_ready and not self.is_lr_frozen:
+            self.materialize_weight()
+        return self
+
+    def _weight_is_stale(self) -> bool:
+        return (not self.is_lr_frozen and self._synced_versions != self._param_versions())
+
+    def forward(self, input):
+        if (not self.training and not self.export_mode and not torch.jit.is_tracing() and
+                self._weight_is_stale()):
+            self.materialize_weight()
+        return super().forward(input)
+
+    def inner_forward_impl(self, x, quant_weight, quant_bias):
+        if not self.training or self.is_lr_frozen or not self.weight_quant.is_quant_enabled:
+            return super().inner_forward_impl(x, quant_weight, quant_bias)
+        scale = quant_weight.scale / self.lr_unit if isinstance(quant_weight, QuantTensor) \
+            else self.lr_scale()
+        weight_mean, weight_var = self.weight_moments(scale)
+        parent_op = super().inner_forward_impl
+        mean, var = lr_moments(parent_op, _value(x), weight_mean, weight_var, _value(quant_bias))
+        return lr_sample(mean, var, self.lr_eps)
+
+    def _load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            error_msgs):
+        logits_key, weight_key = prefix + "weight_logits", prefix + "weight"
+        is_float_checkpoint = logits_key not in state_dict and weight_key in state_dict
+        if is_float_checkpoint:
+            self._float_state_to_lr(state_dict, prefix)
+        if weight_key in state_dict:
+            state_dict.setdefault(
+                prefix + _FROZEN_KEY,
+                torch.zeros((), dtype=torch.bool, device=state_dict[weight_key].device))
+        # An LR checkpoint restores its logits; its materialized weight is re-derived below.
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @staticmethod
+    def _materialize_after_load(module, incompatible_keys) -> None:
+        """Post-load hook: runs once the quantizer's scale (a child module) is loaded too."""
+        if not module.is_lr_frozen:
+            module.materialize_weight()
+
+    @torch.no_grad()
+    def _float_state_to_lr(self, state_dict, prefix) -> None:
+        """Rewrite a float layer's state (weight [, bias]) into this layer's LR state."""
+        float_weight = state_dict[prefix + "weight"]
+        if tuple(float_weight.shape) != tuple(self.weight.shape):
+            return  # let the default loader report the size mismatch
+        dtype = self.weight.dtype
+        logits = self.lr_distribution.init_logits(float_weight, self.lr_p_min, self.lr_p_max)
+        state_dict[prefix + "weight_logits"] = logits.to(dtype)
+        scale = torch.ones((), dtype=torch.float64)
+        name = self._scale_parameter_name()
+        if name is not None:
+            scale = self._float_scale(float_weight.double(), self.get_parameter(name).shape)
+            state_dict.setdefault(prefix + name, scale.to(dtype))
+            scale = state_dict[prefix + name].double() / self.lr_parameter_factor
+            scale = scale.reshape(
+                [-1 if d == self.output_channel_dim else 1 for d in range(float_weight.dim())]) \
+                if scale.numel() > 1 else scale.reshape(())
+        discrete = self.lr_distribution.mode(logits.double())
+        state_dict[prefix + "weight"] = (discrete * scale).to(dtype)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_quant=LRBinaryWeightPerTensorConst, **kwargs):
+        """An LR layer with the geometry of `module`, initialized from its weight and bias."""
+        expected = cls._float_class()
+        if not isinstance(module, expected):
+            raise TypeError(f"{cls.__name__}.from_float expects a {expected.__name__}, "
+                            f"got {type(module).__name__}")
+        layer = cls(
+            **cls._geometry_kwargs(module),
+            bias=module.bias is not None,
+            weight_quant=weight_quant,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            **kwargs)
+        float_state = {k: v for k, v in module.state_dict().items() if k in ("weight", "bias")}
+        layer.load_state_dict(float_state, strict=False)
+        layer.train(module.training)
+        return layer
+
+
+def _lr_init(layer, p_min, p_max, eps):
+    LRWeightMixin._init_lr(layer, p_min, p_max, eps)
+
+
+def _no_meta(device):
+    """Brevitas' ParameterScaling cannot be built on the meta device (it calls .item()),
+    so graph utilities that build on meta and load with assign=True get a CPU build; the
+    assigned state (derived from the float weights) then replaces every tensor."""
+    return None if device is not None and torch.device(device).type == "meta" else device
+
+
+class LRQuantLinear(LRWeightMixin, QuantLinear):
+    """Linear layer with LR-trained discrete weights (see module docstring)."""
+
+    def __init__(
+            self,
+            in_features: int,
+            out_features: int,
+            bias: Optional[bool] = True,
+            weight_quant=LRBinaryWeightPerTensorConst,
+            bias_quant=None,
+            input_quant=None,
+            output_quant=None,
+            return_quant_tensor: bool = False,
+            lr_p_min: float = DEFAULT_P_MIN,
+            lr_p_max: float = DEFAULT_P_MAX,
+            lr_eps: float = DEFAULT_EPS,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            **kwargs) -> None:
+        QuantLinear.__init__(
+            self, in_features, out_features, bias, weight_quant=weight_quant,
+            bias_quant=bias_quant, input_quant=input_quant, output_quant=output_quant,
+            return_quant_tensor=return_quant_tensor, device=_no_meta(device), dtype=dtype,
+            **kwargs)
+        _lr_init(self, lr_p_min, lr_p_max, lr_eps)
+
+    @staticmethod
+    def _float_class():
+        return nn.Linear
+
+    @staticmethod
+    def _geometry_kwargs(module):
+        return dict(in_features=module.in_features, out_features=module.out_features)
+
+
+class _LRQuantConvNd(LRWeightMixin):
+
+    @staticmethod
+    def _geometry_kwargs(module):
+        return dict(
+            in_channels=module.in_channels,
+            out_channels=module.out_channels,
+            kernel_size=module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            padding_mode=module.padding_mode)
+
+
+def _make_conv(name: str, brevitas_cls, float_cls):
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size,
+            stride=1,
+            padding=0,
+            dilation=1,
+            groups: int = 1,
+            padding_mode: str = "zeros",
+            bias: Optional[bool] = True,
+            weight_quant=LRBinaryWeightPerTensorConst,
+            bias_quant=None,
+            input_quant=None,
+            output_quant=None,
+            return_quant_tensor: bool = False,
+            lr_p_min: float = DEFAULT_P_MIN,
+            lr_p_max: float = DEFAULT_P_MAX,
+            lr_eps: float = DEFAULT_EPS,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            **kwargs) -> None:
+        brevitas_cls.__init__(
+            self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, padding_mode=padding_mode, bias=bias,
+            weight_quant=weight_quant, bias_quant=bias_quant, input_quant=input_quant,
+            output_quant=output_quant, return_quant_tensor=return_quant_tensor,
+            device=_no_meta(device), dtype=dtype, **kwargs)
+        _lr_init(self, lr_p_min, lr_p_max, lr_eps)
+
+    doc = f"{brevitas_cls.__name__[5:]} layer with LR-trained discrete weights (see module docstring)."
+    return type(name, (_LRQuantConvNd, brevitas_cls), {
+        "__init__": __init__,
+        "__doc__": doc,
+        "__module__": __name__,
+        "_float_class": staticmethod(lambda: float_cls)})
+
+
+LRQuantConv1d = _make_conv("LRQuantConv1d", QuantConv1d, nn.Conv1d)
+LRQuantConv2d = _make_conv("LRQuantConv2d", QuantConv2d, nn.Conv2d)
+LRQuantConv3d = _make_conv("LRQuantConv3d", QuantConv3d, nn.Conv3d)
+
+
+def lr_layers(model: nn.Module):
+    """(name, layer) for every LR layer in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LRWeightMixin)]
+
+
+def lr_regularization(model: nn.Module) -> Tensor:
+    """Sum of the LR regularizers of every LR layer (0 if there are none)."""
+    terms = [m.lr_regularizer() for _, m in lr_layers(model)]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()

@@ -1,0 +1,50 @@
+"""A frozen LR timm ResNet, packed to 1-bit weights, predicts exactly like the frozen model."""
+
+import pytest
+import timm
+import torch
+from brevitas.graph.quantize import layerwise_quantize
+from torch import nn
+
+from lr_quant import freeze
+from lr_quant.deploy import pack
+from lr_quant.nn import LRQuantConv2d, lr_layers
+from lr_quant.quant import LRBinaryWeightPerChannelFloat, LRTernaryWeightPerChannelFloat
+from triton_kernels import PackedConv2d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", [LRBinaryWeightPerChannelFloat, LRTernaryWeightPerChannelFloat],
+                         ids=["binary", "ternary"])
+def test_packed_lr_resnet_matches_frozen_model(quant):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    layer_map = {nn.Conv2d: (LRQuantConv2d, {"weight_quant": quant, "return_quant_tensor": False})}
+    # first conv and classifier stay in full precision (timm's pretrained_cfg names them)
+    keep = [model.pretrained_cfg["first_conv"], model.pretrained_cfg["classifier"]]
+    model = layerwise_quantize(model, compute_layer_map=layer_map, name_blacklist=keep)
+    assert len(lr_layers(model)) >= 10
+    x = torch.randn(8, 3, 32, 32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(2):  # move logits, scales and BN statistics away from their init
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.arange(8)).backward()
+        opt.step()
+    freeze(model)
+    model.eval()
+    num_lr = len(lr_layers(model))
+    with torch.no_grad():
+        frozen = model(x)
+        report = pack(model)
+        packed = model(x)
+    assert len(report.packed) == num_lr and not lr_layers(model)
+    assert sum(isinstance(m, PackedConv2d) for m in model.modules()) == num_lr
+    assert torch.equal(packed.argmax(1), frozen.argmax(1))
+    torch.testing.assert_close(packed, frozen, rtol=1e-4, atol=1e-4 * frozen.abs().max().item())
+
+
+def test_pack_refuses_unfrozen_lr_layers():
+    model = nn.Sequential(LRQuantConv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"LR layers \['0'\] are not frozen"):
+        pack(model)
