@@ -11,6 +11,9 @@ s = quantizer scale / grid unit is the per-channel scale alpha (1 for const quan
 Forward (Shayer et al. 2018, local reparameterization):
     train(), not frozen:  z = m + sqrt(v + eps) * e,   m = op(x; E[w] s) + b,
                           v = op(x^2; Var[w] s^2)      (see lr_quant.functional)
+                          a MomentTensor input (m_x, v_x) adds op(v_x; E[w]^2 s^2 + Var[w] s^2)
+                          to v; with lr_output_moments=True the output is a MomentTensor
+                          carrying (m, v) with data z (see lr_quant.moments)
     eval() or frozen:     the parent Brevitas layer with the deterministic weight, so
                           Brevitas' QONNX export emits BipolarQuant / Quant for it.
 
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 
 from ..distributions import DEFAULT_P_MAX, DEFAULT_P_MIN, WeightDistribution
 from ..functional import DEFAULT_EPS, lr_moments, lr_sample
+from ..moments import MomentTensor, split_moments
 from ..quant.weight import (LRBinaryWeightPerTensorConst, distribution_from_quantizer,
                             integer_grid, threshold_factor)
 
@@ -61,7 +65,7 @@ class LRWeightMixin:
     Place before the Brevitas class: ``class LRQuantLinear(LRWeightMixin, QuantLinear)``.
     """
 
-    def _init_lr(self, p_min: float, p_max: float, eps: float) -> None:
+    def _init_lr(self, p_min: float, p_max: float, eps: float, output_moments: bool) -> None:
         if not self.weight_quant.is_quant_enabled:
             raise ValueError(
                 f"{type(self).__name__} needs an LR weight quantizer (weight_quant=None "
@@ -73,6 +77,9 @@ class LRWeightMixin:
         if eps < 0:
             raise ValueError(f"lr_eps must be >= 0, got {eps}")
         self.lr_p_min, self.lr_p_max, self.lr_eps = float(p_min), float(p_max), float(eps)
+        # In training, also hand the Gaussian moments (m, v) downstream as a MomentTensor
+        # (its data is the sample), for a stochastic sign activation in moment mode.
+        self.lr_output_moments = bool(output_moments)
         # validates the bounds too (raises on bad p_min / p_max)
         logits = self.lr_distribution.init_logits(self.weight.detach(), p_min, p_max)
         self.weight_logits = nn.Parameter(logits)
@@ -192,9 +199,14 @@ class LRWeightMixin:
         scale = quant_weight.scale / self.lr_unit if isinstance(quant_weight, QuantTensor) \
             else self.lr_scale()
         weight_mean, weight_var = self.weight_moments(scale)
+        x_mean, x_var = split_moments(_value(x))  # x_var is None for a deterministic input
         parent_op = super().inner_forward_impl
-        mean, var = lr_moments(parent_op, _value(x), weight_mean, weight_var, _value(quant_bias))
-        return lr_sample(mean, var, self.lr_eps)
+        mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, _value(quant_bias),
+                               x_var=x_var)
+        sample = lr_sample(mean, var, self.lr_eps)
+        if self.lr_output_moments:
+            return MomentTensor.from_moments(mean, var, sample=sample, validate=False)
+        return sample
 
     def _load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -258,8 +270,8 @@ class LRWeightMixin:
         return layer
 
 
-def _lr_init(layer, p_min, p_max, eps):
-    LRWeightMixin._init_lr(layer, p_min, p_max, eps)
+def _lr_init(layer, p_min, p_max, eps, output_moments):
+    LRWeightMixin._init_lr(layer, p_min, p_max, eps, output_moments)
 
 
 def _no_meta(device):
@@ -285,6 +297,7 @@ class LRQuantLinear(LRWeightMixin, QuantLinear):
             lr_p_min: float = DEFAULT_P_MIN,
             lr_p_max: float = DEFAULT_P_MAX,
             lr_eps: float = DEFAULT_EPS,
+            lr_output_moments: bool = False,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             **kwargs) -> None:
@@ -293,7 +306,7 @@ class LRQuantLinear(LRWeightMixin, QuantLinear):
             bias_quant=bias_quant, input_quant=input_quant, output_quant=output_quant,
             return_quant_tensor=return_quant_tensor, device=_no_meta(device), dtype=dtype,
             **kwargs)
-        _lr_init(self, lr_p_min, lr_p_max, lr_eps)
+        _lr_init(self, lr_p_min, lr_p_max, lr_eps, lr_output_moments)
 
     @staticmethod
     def _float_class():
@@ -340,6 +353,7 @@ def _make_conv(name: str, brevitas_cls, float_cls):
             lr_p_min: float = DEFAULT_P_MIN,
             lr_p_max: float = DEFAULT_P_MAX,
             lr_eps: float = DEFAULT_EPS,
+            lr_output_moments: bool = False,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             **kwargs) -> None:
@@ -349,7 +363,7 @@ def _make_conv(name: str, brevitas_cls, float_cls):
             weight_quant=weight_quant, bias_quant=bias_quant, input_quant=input_quant,
             output_quant=output_quant, return_quant_tensor=return_quant_tensor,
             device=_no_meta(device), dtype=dtype, **kwargs)
-        _lr_init(self, lr_p_min, lr_p_max, lr_eps)
+        _lr_init(self, lr_p_min, lr_p_max, lr_eps, lr_output_moments)
 
     doc = f"{brevitas_cls.__name__[5:]} layer with LR-trained discrete weights (see module docstring)."
     return type(name, (_LRQuantConvNd, brevitas_cls), {

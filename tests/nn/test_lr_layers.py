@@ -297,3 +297,54 @@ def test_non_finite_pretrained_weights_are_rejected():
         conv.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         LRQuantConv2d.from_float(conv)
+
+
+# -- Gaussian moments in and out (lr_quant.moments) -----------------------------------------
+
+def test_moment_tensor_input_and_output():
+    """A MomentTensor input adds op(v_x; E[w]^2 + Var[w]) to the variance; with
+    lr_output_moments the output carries (m, v) and its data is a sample of N(m, v)."""
+    from lr_quant.moments import MomentTensor, has_moments
+
+    torch.manual_seed(0)
+    layer = LRQuantConv2d(3, 4, 3, padding=1, weight_quant=LRTernaryWeightPerChannelFloat,
+                          lr_output_moments=True).double()
+    with torch.no_grad():
+        layer.weight_logits.normal_(0, 1.5)
+    m_x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    v_x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
+    layer.train()
+    out = layer(MomentTensor.from_moments(m_x, v_x))
+    assert has_moments(out)
+    op = lambda a, w, b: F.conv2d(a, w, b, padding=1)
+    m_ref, v_ref = reference_moments(layer, m_x, op)
+    dist = layer.lr_distribution
+    mean, var = dist.moments(layer.weight_logits.detach())
+    alpha = layer.quant_weight().scale.detach() / layer.lr_unit
+    v_ref = v_ref + op(v_x, (mean ** 2 + var) * alpha ** 2, None)
+    torch.testing.assert_close(out.moment_mean, m_ref)
+    torch.testing.assert_close(out.moment_var, v_ref)
+    # gradients flow to the logits through the moments
+    out.moment_var.sum().backward()
+    assert layer.weight_logits.grad.abs().sum() > 0
+    # eval: a plain deterministic tensor
+    layer.eval()
+    assert not has_moments(layer(m_x))
+
+
+def test_moments_travel_lr_bn_sign_lr():
+    """LR -> BatchNorm -> stochastic sign (moment mode) -> LR: the second LR layer gets a
+    MomentTensor whose moments come from the sign's P(+1) = Phi(m / sqrt(v))."""
+    from lr_quant.moments import has_moments
+    from lr_quant.nn.stochastic_sign import StochasticSign
+
+    seen = {}
+    second = LRQuantLinear(6, 3)
+    second.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    model = nn.Sequential(LRQuantLinear(5, 6, lr_output_moments=True), nn.BatchNorm1d(6),
+                          StochasticSign(6, threshold_init="zero"), second)
+    model.train()
+    y = model(torch.randn(16, 5))
+    assert has_moments(seen["x"])
+    y.sum().backward()
+    assert model[0].weight_logits.grad.abs().sum() > 0

@@ -1,0 +1,165 @@
+"""Tests of lr_quant.functional.sign: probabilities, moments, samples, gradients, errors."""
+
+import math
+
+import pytest
+import torch
+
+from lr_quant.functional.sign import (
+    binary_sign,
+    noise_sign_probability,
+    relaxed_sign_sample,
+    sample_noise_sign,
+    sample_sign,
+    sample_ternary,
+    sign_log_odds,
+    sign_moments,
+    sign_probability,
+    ste_sign,
+    ternary_moments,
+    ternary_probabilities,
+    ternary_sign,
+)
+
+N_MC = 200_000
+
+
+def _binomial_tol(p, n=N_MC, k=5.0):
+    # The empirical frequency of n Bernoulli(p) draws has std sqrt(p(1-p)/n) <= 0.5/sqrt(n).
+    # 5 standard deviations (two-sided tail ~6e-7 per comparison) keeps a seeded test stable
+    # and still catches a wrong formula (errors here are O(0.01 - 0.3)).
+    return k * torch.sqrt(p * (1 - p) / n).clamp_min(0.5 / n)
+
+
+CASES = [(0.3, 0.5, 0.0), (-1.0, 2.0, 0.5), (2.0, 0.1, 1.8), (0.0, 1.0, -0.7), (3.0, 0.5, 0.0)]
+
+
+def test_binary_sign_zero_is_plus_one():
+    x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, -1e-30, 3.0])
+    assert binary_sign(x).tolist() == [-1, 1, 1, 1, -1, 1]
+    assert ste_sign(torch.zeros(3)).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("m,v,t", CASES)
+def test_sample_sign_frequency_matches_phi(m, v, t):
+    g = torch.Generator().manual_seed(0)
+    mean = torch.full((N_MC,), m)
+    var = torch.full((N_MC,), v)
+    s = sample_sign(mean, var, threshold=t, tau=0.5, generator=g)
+    assert set(s.unique().tolist()) <= {-1.0, 1.0}
+    freq = (s > 0).double().mean()
+    p = torch.tensor(0.5 * (1 + math.erf((m - t) / math.sqrt(2 * v))), dtype=torch.float64)
+    assert abs(freq - p) < _binomial_tol(p)
+    # the hard sample is an exact Bernoulli draw: also matches a direct Gaussian draw
+    a = m + math.sqrt(v) * torch.randn(N_MC, generator=g, dtype=torch.float64)
+    assert abs(freq - (a >= t).double().mean()) < 2 * _binomial_tol(p)
+
+
+@pytest.mark.parametrize("m,v,t", CASES)
+def test_sign_moments_match_monte_carlo(m, v, t):
+    g = torch.Generator().manual_seed(1)
+    mean, var = torch.tensor(m), torch.tensor(v)
+    mu, sv = sign_moments(mean, var, t)
+    a = m + math.sqrt(v) * torch.randn(N_MC, generator=g, dtype=torch.float64)
+    s = binary_sign(a - t)
+    # mean of +-1 draws: std <= 1/sqrt(n); variance estimate: std <= ~2/sqrt(n)
+    assert abs(mu - s.mean()) < 5 / math.sqrt(N_MC)
+    assert abs(sv - s.var()) < 10 / math.sqrt(N_MC)
+    p = sign_probability(mean, var, t)
+    assert torch.allclose(mu, 2 * p - 1, atol=1e-6)
+    assert torch.allclose(sv, 4 * p * (1 - p), atol=1e-6)
+
+
+def test_sign_moments_are_stable_in_the_tails():
+    m = torch.tensor([6.0, 9.0, 13.0, -13.0])
+    v = torch.ones(4)
+    mu, sv = sign_moments(m, v)
+    assert (sv > 0).all()   # 1 - mu^2 is exactly 0 in float32 here
+    ref = 2 * torch.erfc(m.double().abs() / math.sqrt(2))   # 4 Phi(z) Phi(-z), |z| >> 1
+    assert torch.allclose(sv.double(), ref, rtol=1e-4)
+    mu, sv = sign_moments(torch.tensor([40.0, -1e6]), torch.ones(2))
+    assert torch.isfinite(sv).all() and (sv >= 0).all() and mu.abs().eq(1).all()
+    lo = sign_log_odds(torch.tensor([-100.0, 100.0]), torch.ones(2))
+    assert torch.isfinite(lo).all() and lo[0] < -1000 and lo[1] > 1000
+
+
+def test_sign_moment_gradients_match_analytic_and_finite_differences():
+    m = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([0.5, 2.0, 0.3], dtype=torch.float64, requires_grad=True)
+    t = 0.2
+    mu, sv = sign_moments(m, v, t, eps=0.0)
+    gm, gv = torch.autograd.grad(mu.sum(), (m, v))
+    # d/dm erf(z/sqrt2) = 2 phi(z) / sqrt(v);  d/dv = -phi(z) (m - t) / v^{3/2}
+    z = (m - t) / v.sqrt()
+    phi = torch.exp(-0.5 * z ** 2) / math.sqrt(2 * math.pi)
+    assert torch.allclose(gm, 2 * phi / v.sqrt())
+    assert torch.allclose(gv, -phi * (m - t) / v ** 1.5)
+    assert torch.autograd.gradcheck(lambda a, b: sign_moments(a, b, t, eps=0.0), (m, v))
+    assert torch.autograd.gradcheck(lambda a, b: sign_log_odds(a, b, t), (m, v))
+
+
+def test_relaxed_sample_gradient_is_finite_and_has_the_right_sign():
+    g = torch.Generator().manual_seed(2)
+    m = torch.zeros(10_000, requires_grad=True)
+    v = torch.ones(10_000, requires_grad=True)
+    s = sample_sign(m, v, threshold=0.0, tau=1.0, generator=g)
+    gm, gv = torch.autograd.grad(s.sum(), (m, v))
+    assert torch.isfinite(gm).all() and (gm > 0).all()   # more mean -> more +1
+    assert torch.isfinite(gv).all()
+    # expected pseudo-gradient is close to the derivative of E[s] = erf(m / sqrt(2v))
+    assert abs(gm.mean().item() - 2 / math.sqrt(2 * math.pi)) < 0.35
+    # noise mode, learned sigma: gradient w.r.t. x positive, w.r.t. sigma finite
+    x = torch.linspace(-2, 2, 101, requires_grad=True)
+    sigma = torch.tensor(0.7, requires_grad=True)
+    s = sample_noise_sign(x, sigma, threshold=0.1, tau=0.5, generator=g)
+    gx, gs = torch.autograd.grad(s.sum(), (x, sigma))
+    assert (gx >= 0).all() and torch.isfinite(gs)
+
+
+def test_noise_mode_frequency():
+    g = torch.Generator().manual_seed(3)
+    x = torch.full((N_MC,), 0.4)
+    s = sample_noise_sign(x, 0.8, threshold=0.1, generator=g)
+    p = noise_sign_probability(torch.tensor(0.4, dtype=torch.float64), 0.8, 0.1)
+    assert abs((s > 0).double().mean() - p) < _binomial_tol(p)
+
+
+@pytest.mark.parametrize("m,v,t", [(0.0, 1.0, 0.5), (1.0, 0.3, 0.4), (-0.5, 2.0, 1.0),
+                                   (8.0, 1.0, 0.5)])
+def test_ternary_probabilities_and_moments_match_monte_carlo(m, v, t):
+    g = torch.Generator().manual_seed(4)
+    mean, var = torch.tensor(m, dtype=torch.float64), torch.tensor(v, dtype=torch.float64)
+    pm, p0, pp = ternary_probabilities(mean, var, t, eps=0.0)
+    assert torch.allclose(pm + p0 + pp, torch.tensor(1.0, dtype=torch.float64))
+    a = m + math.sqrt(v) * torch.randn(N_MC, generator=g, dtype=torch.float64)
+    det = ternary_sign(a, t)
+    for val, p in ((-1, pm), (0, p0), (1, pp)):
+        assert abs((det == val).double().mean() - p) < _binomial_tol(p)
+    mu, sv = ternary_moments(mean, var, t, eps=0.0)
+    assert abs(mu - det.mean()) < 5 / math.sqrt(N_MC)
+    assert abs(sv - det.var()) < 10 / math.sqrt(N_MC)
+    s = sample_ternary(torch.full((N_MC,), m), torch.full((N_MC,), v), t, tau=0.5, generator=g)
+    for val, p in ((-1, pm), (0, p0), (1, pp)):
+        assert abs((s == val).double().mean() - p) < _binomial_tol(p)
+
+
+def test_ternary_sample_gradient():
+    g = torch.Generator().manual_seed(5)
+    m = torch.zeros(5000, requires_grad=True)
+    s = sample_ternary(m, torch.ones(5000), 0.5, tau=1.0, generator=g)
+    (gm,) = torch.autograd.grad(s.sum(), (m,))
+    assert torch.isfinite(gm).all() and gm.mean() > 0
+
+
+def test_bad_inputs_raise():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="tau"):
+        relaxed_sign_sample(x, tau=0.0)
+    with pytest.raises(ValueError, match="sigma"):
+        sample_noise_sign(x, -1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        noise_sign_probability(x, torch.tensor([0.5, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="var"):
+        sample_sign(x, -torch.ones(3))
+    with pytest.raises(ValueError, match="threshold"):
+        ternary_probabilities(x, torch.ones(3), -0.5)

@@ -1,0 +1,272 @@
+"""Tests of lr_quant.quant.activation: the stochastic sign quantizer inside Brevitas, export."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from brevitas.nn import QuantIdentity, QuantLinear
+from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
+from brevitas.quant.binary import SignedBinaryWeightPerTensorConst
+
+from lr_quant.moments import MomentTensor, has_moments
+from lr_quant.nn.stochastic_sign import StochasticSign
+from lr_quant.quant.activation import (
+    ParamSchedule,
+    StochasticBinaryQuant,
+    StochasticSignActPerTensorConst,
+    ThresholdShift,
+    attach_threshold,
+    set_sign_noise_std,
+    set_sign_temperature,
+)
+
+N = 120_000
+
+
+def _tol(p, n=N, k=5.0):
+    # binomial: std of a frequency of n draws is sqrt(p(1-p)/n) <= 0.5/sqrt(n) ~ 1.4e-3;
+    # 5 std is ~7e-3, far below the O(0.1) errors of a wrong sigma / threshold / mode.
+    return k * math.sqrt(max(p * (1 - p), 0.25 / n) / n)
+
+
+def _phi(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def test_proxy_is_stock_and_export_metadata_is_bipolar_scale_one():
+    q = QuantIdentity(act_quant=StochasticSignActPerTensorConst)
+    assert type(q.act_quant) is ActQuantProxyFromInjector   # export handlers: exact class
+    assert isinstance(q.act_quant.fused_activation_quant_proxy.tensor_quant, StochasticBinaryQuant)
+    assert float(q.act_quant.scale()) == 1.0 and float(q.act_quant.bit_width()) == 1.0
+    assert q.act_quant.is_signed and float(q.act_quant.zero_point()) == 0.0
+
+
+def test_noise_mode_frequency_and_eval_determinism():
+    q = QuantIdentity(act_quant=StochasticSignActPerTensorConst, sign_noise_std=0.5,
+                      sign_propagate_moments=False)
+    x = torch.tensor([-0.4, 0.0, 0.3, 1.0]).repeat(N, 1)
+    q.train()
+    y = q(x)
+    assert set(y.unique().tolist()) == {-1.0, 1.0}
+    freq = (y > 0).double().mean(0)
+    for f, xv in zip(freq.tolist(), [-0.4, 0.0, 0.3, 1.0]):
+        p = _phi(xv / 0.5)
+        assert abs(f - p) < _tol(p)
+    q.eval()
+    a, b = q(x[:4]), q(x[:4])
+    assert torch.equal(a, b) and a[0].tolist() == [-1.0, 1.0, 1.0, 1.0]   # sign(0) = +1
+
+
+def test_moment_mode_uses_input_moments_and_propagates_sign_moments():
+    q = QuantIdentity(act_quant=StochasticSignActPerTensorConst, sign_noise_std=5.0)
+    m = torch.tensor([0.3, -1.0, 2.0])
+    v = torch.tensor([0.5, 2.0, 4.0])
+    x = MomentTensor.from_moments(m.repeat(N, 1), v.repeat(N, 1))
+    q.train()
+    y = q(x)
+    assert isinstance(y, MomentTensor) and has_moments(y)
+    freq = (y.plain() > 0).double().mean(0)
+    for f, mi, vi in zip(freq.tolist(), m.tolist(), v.tolist()):
+        p = _phi(mi / math.sqrt(vi))   # not sigma_a = 5: the moments win in "auto" mode
+        assert abs(f - p) < _tol(p)
+    p = torch.tensor([_phi(mi / math.sqrt(vi)) for mi, vi in zip(m.tolist(), v.tolist())])
+    assert torch.allclose(y.moment_mean[0], 2 * p - 1, atol=1e-5)
+    assert torch.allclose(y.moment_var[0], 4 * p * (1 - p), atol=1e-5)
+    # the sample follows the moments it carries
+    emp = y.plain().double()
+    assert torch.allclose(emp.mean(0), y.moment_mean[0].double(), atol=0.02)
+
+
+def test_training_gradients_reach_input_threshold_and_sigma():
+    s = StochasticSign(3, learn_noise_std=True, noise_std=0.8, temperature=0.7)
+    x = torch.randn(256, 3, requires_grad=True)
+    s.train()
+    y = s(x)
+    loss = (y * torch.linspace(-1, 1, 3)).sum()
+    loss.backward()
+    t = s.threshold_module.threshold
+    for g in (x.grad, t.grad, s.sign_quant.noise_std.grad):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    # more input -> more +1: the pseudo-gradient of sum(y) w.r.t. x is positive
+    x2 = torch.zeros(64, 3, requires_grad=True)
+    s(x2).sum().backward()
+    assert (x2.grad > 0).all()
+
+
+def test_threshold_median_init_and_state_dict():
+    torch.manual_seed(0)
+    s = StochasticSign(4, noise_std=1e-3)
+    x = torch.randn(1001, 4) * torch.tensor([1.0, 2.0, 0.5, 3.0])
+    x = x + torch.tensor([5.0, -1.0, 0.0, 2.0])
+    s.train()
+    y = s(x)
+    t = s.threshold_module.threshold.detach()
+    assert torch.allclose(t, x.median(0).values)
+    assert ((y > 0).float().mean(0) - 0.5).abs().max() < 0.01   # median: P(+1) = 1/2
+    s2 = StochasticSign(4)
+    s2.load_state_dict(s.state_dict())
+    assert torch.equal(s2.threshold_module.threshold, t) and bool(s2.threshold_module.initialized)
+    s2.train()
+    s2(x + 100.0)   # already initialized: not re-initialized
+    assert torch.equal(s2.threshold_module.threshold.detach(), t)
+    s2.threshold_module.reset()
+    s2(x + 100.0)
+    assert torch.allclose(s2.threshold_module.threshold.detach(), t + 100.0)
+    # 4-d inputs: per-channel on dim 1
+    c = StochasticSign(3).train()
+    z = torch.randn(8, 3, 5, 5) + torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    c(z)
+    assert torch.allclose(c.threshold_module.threshold.detach(),
+                          z.transpose(0, 1).reshape(3, -1).median(1).values)
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="sigma"):
+        StochasticSign(3, noise_std=-1.0)
+    with pytest.raises(ValueError, match="tau"):
+        StochasticSign(3, temperature=0.0)
+    with pytest.raises(ValueError, match="sign_mode"):
+        StochasticSign(3, mode="gumbel")
+    s = StochasticSign(3)
+    with pytest.raises(ValueError, match="tau"):
+        s.set_temperature(-0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        s.set_noise_std(float("nan"))
+    with pytest.raises(ValueError, match="3 channels"):
+        s.train()(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="non-finite"):
+        StochasticSign(2).train()(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="threshold_init"):
+        ThresholdShift(3, threshold_init="quantile")
+    with pytest.raises(ValueError, match="MomentTensor"):
+        StochasticSign(3, mode="moment").train()(torch.randn(2, 3))
+
+
+def test_schedules_and_model_setters():
+    lin = ParamSchedule(1.0, 0.1, 10, "linear")
+    cos = ParamSchedule(1.0, 0.1, 10, "cosine")
+    exp = ParamSchedule(1.0, 0.01, 10, "exponential")
+    assert lin(0) == 1.0 and math.isclose(lin(5), 0.55) and math.isclose(lin(99), 0.1)
+    assert cos(0) == 1.0 and math.isclose(cos(5), 0.55) and math.isclose(cos(10), 0.1)
+    assert math.isclose(exp(5), 0.1) and math.isclose(exp(10), 0.01)
+    assert ParamSchedule(2.0, 0.0, 3, "constant")(2) == 2.0
+    for bad in (dict(kind="step"), dict(steps=0)):
+        with pytest.raises(ValueError):
+            ParamSchedule(**{**dict(start=1.0, end=0.5, steps=5, kind="linear"), **bad})
+    with pytest.raises(ValueError, match="exponential"):
+        ParamSchedule(1.0, 0.0, 5, "exponential")
+    model = nn.Sequential(StochasticSign(4), nn.Linear(4, 4), StochasticSign(4))
+    assert set_sign_temperature(model, exp(3)) == 2 and set_sign_noise_std(model, 0.3) == 2
+    assert math.isclose(float(model[2].sign_quant.temperature), exp(3), rel_tol=1e-6)
+    assert math.isclose(float(model[0].sign_quant.noise_std), 0.3, rel_tol=1e-6)
+
+
+def _export_and_run(model, x, path):
+    from brevitas.export import export_qonnx
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    export_qonnx(model, x[:1], str(path), dynamo=False)
+    wrapped = cleanup_model(ModelWrapper(str(path)))
+    iname, oname = wrapped.graph.input[0].name, wrapped.graph.output[0].name
+    out = np.concatenate(
+        [execute_onnx(wrapped, {iname: x[i:i + 1].numpy()})[oname] for i in range(len(x))])
+    return wrapped, out
+
+
+def test_qonnx_export_bipolar_scale_one_with_thresholds(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        StochasticSign(16),
+        QuantLinear(16, 12, bias=True, weight_quant=SignedBinaryWeightPerTensorConst),
+        nn.BatchNorm1d(12),
+        StochasticSign(12),
+        QuantLinear(12, 5, bias=False, weight_quant=SignedBinaryWeightPerTensorConst))
+    model.train()
+    for _ in range(3):   # median init of both thresholds, BN statistics
+        model(torch.randn(128, 16) + torch.linspace(-1, 1, 16))
+    with torch.no_grad():
+        model[0].threshold_module.threshold.add_(0.05 * torch.randn(16))
+    model.eval()
+    x = torch.randn(24, 16) + torch.linspace(-1, 1, 16)
+    x[0, :] = model[0].threshold_module.threshold.detach()   # exactly at threshold -> +1
+    with torch.no_grad():
+        ref = model(x).numpy()
+        ref2 = model(x).numpy()
+    assert np.array_equal(ref, ref2)
+    wrapped, out = _export_and_run(model, x, tmp_path / "sign.onnx")
+    ops = [n.op_type for n in wrapped.graph.node]
+    assert ops.count("Sub") == 2, ops
+    bipolar = [n for n in wrapped.graph.node if n.op_type == "BipolarQuant"]
+    act_bipolar = [n for n in bipolar if wrapped.get_initializer(n.input[0]) is None]
+    assert len(act_bipolar) == 2
+    for n in act_bipolar:
+        scale = wrapped.get_initializer(n.input[1])
+        assert scale.size == 1 and float(scale.reshape(())) == 1.0   # FINN: scale 1 only
+        # each activation BipolarQuant is fed by the threshold Sub
+        assert wrapped.find_producer(n.input[0]).op_type == "Sub"
+    assert np.abs(out - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_as_input_quant_of_a_brevitas_layer_with_attached_threshold(tmp_path):
+    torch.manual_seed(1)
+    layer = QuantLinear(8, 4, bias=False, input_quant=StochasticSignActPerTensorConst,
+                        weight_quant=SignedBinaryWeightPerTensorConst)
+    shift = attach_threshold(layer.input_quant, 8)
+    assert any(p is shift.threshold for p in layer.parameters())
+    layer.train()
+    y = layer(torch.randn(64, 8) + 3.0)   # training: stochastic, threshold initialized
+    assert torch.isfinite(y).all()
+    assert torch.allclose(shift.threshold.detach(), torch.full((8,), 3.0), atol=0.5)
+    layer.eval()
+    x = torch.randn(10, 8) + 3.0
+    with torch.no_grad():
+        ref = layer(x).numpy()
+    wrapped, out = _export_and_run(layer, x, tmp_path / "inq.onnx")
+    assert "Sub" in [n.op_type for n in wrapped.graph.node]
+    assert np.abs(out - ref).max() <= 1e-5
+
+
+def test_loading_an_uninitialized_threshold_re_arms_the_data_init():
+    a = StochasticSign(2).train()
+    a(torch.randn(16, 2))
+    fresh = StochasticSign(2)
+    a.load_state_dict(fresh.state_dict())   # initialized=False again
+    x = torch.randn(33, 2) + 7.0
+    a(x)
+    assert torch.allclose(a.threshold_module.threshold.detach(), x.median(0).values)
+
+
+@pytest.mark.slow
+def test_finn_frontend_absorbs_the_threshold_and_keeps_outputs(tmp_path):
+    """FINN (finn-plus, own venv): ConvertQONNXtoFINN + BNN streamlining turn each
+    Sub -> BipolarQuant into a MultiThreshold (the Sub absorbed) and keep the outputs."""
+    from lr_quant.finn import check_with_finn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        StochasticSign(16),
+        QuantLinear(16, 12, bias=False, weight_quant=SignedBinaryWeightPerTensorConst),
+        nn.BatchNorm1d(12),
+        StochasticSign(12),
+        QuantLinear(12, 5, bias=False, weight_quant=SignedBinaryWeightPerTensorConst))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(128, 16) + torch.linspace(-1, 1, 16))
+    model.eval()
+    x = torch.randn(20, 16) + torch.linspace(-1, 1, 16)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    from brevitas.export import export_qonnx
+    path = tmp_path / "sign_finn.onnx"
+    export_qonnx(model, x[:1], str(path), dynamo=False)
+    result = check_with_finn(path, x.numpy(), ref, atol=1e-4)
+    ops = result["stages"]["streamlined"]["op_types"]
+    assert "Sub" not in ops and "BipolarQuant" not in ops
+    assert ops.get("MultiThreshold", 0) == 2 and ops.get("XnorPopcountMatMul", 0) == 2
+    for stage in ("qonnx", "converted", "streamlined"):
+        assert result["stages"][stage]["max_abs_err"] <= 1e-4
