@@ -1,0 +1,90 @@
+"""W1A1: LR binary weights + stochastic sign activations, converted from a pretrained FP
+MLP with BatchNorm and ReLU on the offline digits (first and last layer full precision).
+
+The sign replaces the ReLU that fed the binarized layer: for a threshold t > 0,
+sign(ReLU(a) - t) = sign(a - t), and without a threshold the sign of a ReLU output is +1
+everywhere (chance accuracy). Measured here (450 test digits, 10 + 10 epochs):
+  64-256-256-10, noise mode:                FP 97.8 / 98.9 / 97.8, W1A1 97.3 / 97.8 / 97.8
+  64-256-256-256-10, moment mode (LR->BN->sign->LR):
+                                            FP 97.6 / 98.4 / 98.4, W1A1 96.2 / 97.8 / 97.8
+  (noise mode on the deeper net: 95.8 / 97.6 / 97.6)
+The bound is FP - 4 points (18 test digits) for every seed.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lr_quant import freeze
+from lr_quant.data import digits_split
+from lr_quant.demo import accuracy, fit
+from lr_quant.export import export_qonnx, verify_qonnx
+from lr_quant.moments import has_moments
+from lr_quant.nn import LRQuantLinear
+from lr_quant.nn.stochastic_sign import StochasticSign
+
+pytestmark = pytest.mark.slow
+
+
+def reestimate_batchnorm(model, x, batch=256):
+    """Cumulative BN statistics of the frozen (deterministic) network."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            model(x[i:i + batch])
+
+
+def w1a1_mlp(seed, deep):
+    torch.manual_seed(seed)
+    x_train, y_train, x_test, y_test = digits_split(seed=seed)
+    layers = [nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(),
+              nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU()]
+    if deep:
+        layers += [nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU()]
+    fp = nn.Sequential(*layers, nn.Linear(256, 10))
+    fit(fp, x_train, y_train, epochs=10, lr=1e-2, batch_size=64, seed=seed)
+    model = copy.deepcopy(fp)
+    model[2] = StochasticSign(256, noise_std=0.5)
+    model[3] = LRQuantLinear.from_float(fp[3], lr_output_moments=deep)
+    if deep:
+        model[5] = StochasticSign(256, noise_std=0.5)
+        model[6] = LRQuantLinear.from_float(fp[6])
+    return fp, model, (x_train, y_train, x_test, y_test)
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["noise-mode", "moment-mode"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_w1a1_mlp_within_a_few_points_of_fp(seed, deep):
+    fp, model, (x_train, y_train, x_test, y_test) = w1a1_mlp(seed, deep)
+    if deep:  # the second sign sees the Gaussian moments of LR -> BN
+        seen = []
+        model[5].register_forward_pre_hook(lambda mod, args: seen.append(has_moments(args[0])))
+        model.train()
+        model(x_train[:32])
+        assert seen == [True]
+    torch.manual_seed(seed)
+    fit(model, x_train, y_train, epochs=10, lr=3e-3, batch_size=64, seed=seed)
+    freeze(model)
+    reestimate_batchnorm(model, x_train)
+    fp_acc, w1a1_acc = accuracy(fp, x_test, y_test), accuracy(model, x_test, y_test)
+    assert w1a1_acc >= fp_acc - 0.04, (fp_acc, w1a1_acc)
+
+
+def test_w1a1_eval_and_export_are_deterministic(tmp_path):
+    _, model, (x_train, y_train, x_test, _) = w1a1_mlp(0, deep=True)
+    fit(model, x_train, y_train, epochs=2, lr=3e-3, batch_size=64, seed=0)
+    freeze(model)
+    model.eval()
+    with torch.no_grad():
+        first, second = model(x_test[:64]), model(x_test[:64])
+        hidden = model[2](model[1](model[0](x_test[:64])))
+    assert torch.equal(first, second)
+    assert set(hidden.unique().tolist()) == {-1.0, 1.0}
+    path = export_qonnx(model, x_test[:64], tmp_path / "w1a1.onnx", require_frozen=True)
+    assert verify_qonnx(path, model, [x_test[:64], x_test[64:128]]) < 1e-4
