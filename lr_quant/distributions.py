@@ -219,6 +219,29 @@ def _validate_values(values: Sequence[float]) -> Tuple[float, ...]:
     return vals
 
 
+class _BinaryMoments(torch.autograd.Function):
+    """mu = tanh(theta/2), var = sech^2(theta/2) = 4 p (1 - p), one fused backward:
+    dmu/dtheta = var / 2, dvar/dtheta = -var * mu (fewer weight-sized passes than autograd
+    through sigmoids; var stays accurate and > 0 for every theta, cosh overflow gives 0)."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        half = 0.5 * logits
+        mean = torch.tanh(half)
+        var = torch.cosh(half).pow_(-2)
+        ctx.save_for_backward(mean, var)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        mean, var = ctx.saved_tensors
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(mean)
+        if grad_var is None:
+            return var * (0.5 * grad_mean)
+        return var * (0.5 * grad_mean - grad_var * mean)
+
+
 class BinaryDistribution(WeightDistribution):
     """w in {-1, +1} with P(w = +1) = sigmoid(theta) (Shayer et al. 2018).
 
@@ -246,9 +269,7 @@ class BinaryDistribution(WeightDistribution):
         return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)])
 
     def moments(self, logits):
-        mean = torch.tanh(0.5 * logits)
-        var = 4.0 * torch.sigmoid(logits) * torch.sigmoid(-logits)
-        return mean, var
+        return _BinaryMoments.apply(logits)
 
     def mode(self, logits):
         one = torch.ones((), dtype=logits.dtype, device=logits.device)

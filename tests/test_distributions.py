@@ -242,3 +242,21 @@ def test_normalize_pretrained_weight():
     w = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])
     got = normalize_pretrained_weight(w)
     torch.testing.assert_close(got, (w.double() / w.double().std()).clamp(-1, 1))
+
+
+def test_binary_moments_gradient_matches_autograd_of_the_definition():
+    """The fused backward of the binary moments vs autograd through the sigmoids."""
+    theta = torch.linspace(-12, 12, 61, dtype=torch.float64, requires_grad=True)
+    g_mean, g_var = torch.randn(61, dtype=torch.float64), torch.randn(61, dtype=torch.float64)
+    mean, var = BinaryDistribution().moments(theta)
+    (mean * g_mean + var * g_var).sum().backward()
+    fused = theta.grad.clone()
+    theta.grad = None
+    p = torch.sigmoid(theta)
+    ((2 * p - 1) * g_mean + 4 * p * (1 - p) * g_var).sum().backward()
+    torch.testing.assert_close(fused, theta.grad)
+    assert torch.autograd.gradcheck(lambda t: BinaryDistribution().moments(t),
+                                    (torch.randn(5, dtype=torch.float64, requires_grad=True),))
+    # extreme logits: finite, var >= 0
+    mean, var = BinaryDistribution().moments(torch.tensor([-400.0, 400.0]))
+    assert torch.equal(mean, torch.tensor([-1.0, 1.0])) and (var >= 0).all()

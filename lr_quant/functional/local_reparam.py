@@ -96,4 +96,4 @@ def lr_sample(
             mean.shape, generator=generator, dtype=compute_dtype, device=mean.device)
     elif noise.shape != mean.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != mean shape {tuple(mean.shape)}")
-    return (mean.to(compute_dtype) + std * noise).to(mean.dtype)
+    return torch.addcmul(mean.to(compute_dtype), std, noise).to(mean.dtype)

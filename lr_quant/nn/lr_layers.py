@@ -70,6 +70,10 @@ class LRWeightMixin:
             raise ValueError(
                 f"{type(self).__name__} needs an LR weight quantizer (weight_quant=None "
                 f"disables weight quantization); use e.g. LRBinaryWeightPerTensorConst")
+        if self.bias_quant.is_quant_enabled:
+            raise ValueError(
+                f"{type(self).__name__} needs bias_quant=None: a quantized bias takes its scale "
+                f"from the quantized weight, which LR training does not compute")
         self.lr_distribution: WeightDistribution = distribution_from_quantizer(self.weight_quant)
         self.lr_unit, _, bit_width = integer_grid(self.lr_distribution.values)
         # a learned scale parameter stores unit * alpha * factor (Brevitas' threshold)
@@ -101,12 +105,15 @@ class LRWeightMixin:
         return "weight_logits" in self._parameters
 
     def _scale_parameter_name(self) -> Optional[str]:
+        if "_lr_scale_name" in self.__dict__:
+            return self._lr_scale_name
         names = [n for n, _ in self.named_parameters() if n.startswith("weight_quant.")]
         if len(names) > 1:
             raise RuntimeError(
                 f"{type(self).__name__}: weight quantizer has several parameters {names}; "
                 f"LR layers support one learned scale")
-        return names[0] if names else None
+        self._lr_scale_name = names[0] if names else None
+        return self._lr_scale_name
 
     def _float_scale(self, float_weight: Tensor, shape) -> Tensor:
         """Scale parameter for alpha = mean |W| per output channel (XNOR-net), as `shape`."""
@@ -121,8 +128,12 @@ class LRWeightMixin:
             param = self.get_parameter(name)
             param.copy_(self._float_scale(float_weight, param.shape).to(param))
 
-    def lr_scale(self) -> Tensor:
-        """Per-channel multiplier s (broadcastable to the weight), with gradient."""
+    def lr_scale(self) -> Optional[Tensor]:
+        """Per-channel multiplier s (broadcastable to the weight), with gradient; None when
+        the quantizer has no learned scale (LR quantizers' constant scale is one grid unit,
+        so s = 1)."""
+        if self._scale_parameter_name() is None:
+            return None
         return self.quant_weight().scale / self.lr_unit
 
     def _param_versions(self) -> Tuple[int, ...]:
@@ -131,11 +142,12 @@ class LRWeightMixin:
         return tuple(t._version for t in tensors)
 
     # -- distribution views --------------------------------------------------------------
-    def weight_moments(self, scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def weight_moments(self) -> Tuple[Tensor, Tensor]:
         """(E[w] s, Var[w] s^2): the moments of the scaled weight."""
         mean, var = self.lr_distribution.moments(self.weight_logits)
+        scale = self.lr_scale()
         if scale is None:
-            scale = self.lr_scale()
+            return mean, var
         return mean * scale, var * (scale * scale)
 
     def lr_regularizer(self) -> Tensor:
@@ -152,8 +164,8 @@ class LRWeightMixin:
         """weight <- discrete * s, with `discrete` the mode of the logits by default."""
         if discrete is None:
             discrete = self.lr_distribution.mode(self.weight_logits)
-        scale = self.quant_weight().scale / self.lr_unit
-        self.weight.copy_((discrete * scale).to(self.weight.dtype))
+        scale = self.lr_scale()
+        self.weight.copy_((discrete if scale is None else discrete * scale).to(self.weight.dtype))
         self._synced_versions = self._param_versions()
 
     @torch.no_grad()
@@ -193,16 +205,28 @@ class LRWeightMixin:
             self.materialize_weight()
         return super().forward(input)
 
-    def inner_forward_impl(self, x, quant_weight, quant_bias):
-        if not self.training or self.is_lr_frozen or not self.weight_quant.is_quant_enabled:
-            return super().inner_forward_impl(x, quant_weight, quant_bias)
-        scale = quant_weight.scale / self.lr_unit if isinstance(quant_weight, QuantTensor) \
-            else self.lr_scale()
-        weight_mean, weight_var = self.weight_moments(scale)
-        x_mean, x_var = split_moments(_value(x))  # x_var is None for a deterministic input
-        parent_op = super().inner_forward_impl
-        mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, _value(quant_bias),
-                               x_var=x_var)
+    def _lr_training_forward(self) -> bool:
+        return self.training and not self.is_lr_frozen and self.weight_quant.is_quant_enabled
+
+    def forward_impl(self, inp):
+        """Brevitas' forward_impl, minus the weight quantization in LR training.
+
+        The LR forward needs only the quantizer's scale, so it skips quantizing the weight
+        (a weight-sized sign and multiply, forward and backward): input_quant -> LR
+        pre-activation -> output_quant. eval(), frozen and export use Brevitas' path.
+        """
+        if not self._lr_training_forward():
+            return super().forward_impl(inp)
+        quant_input = self.input_quant(self.unpack_input(inp))
+        output = self.lr_preactivation(_value(quant_input), self.bias)
+        return self.pack_output(self.output_quant(output))
+
+    def lr_preactivation(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """z = m + sqrt(v + eps) * e for an input x (a MomentTensor adds its variance)."""
+        weight_mean, weight_var = self.weight_moments()
+        x_mean, x_var = split_moments(x)  # x_var is None for a deterministic input
+        parent_op = super().inner_forward_impl  # the layer's own conv / linear operator
+        mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, bias, x_var=x_var)
         sample = lr_sample(mean, var, self.lr_eps)
         if self.lr_output_moments:
             return MomentTensor.from_moments(mean, var, sample=sample, validate=False)
