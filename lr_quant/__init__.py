@@ -29,3 +29,21 @@ __all__ = [
     "LRTernaryWeightPerChannelFloat",
     "lr_weight_quant",
 ]
+
+# recipes: convert any timm backbone into an LR network (issue 4)
+# (`lr_quant.convert` stays the module: use `from lr_quant.convert import convert`)
+from . import convert, recipe, registry  # noqa: E402
+from .convert import ConversionReport, calibrate_thresholds, convert_with_report  # noqa: E402
+from .recipe import Recipe, RecipeError, load_recipe  # noqa: E402
+
+__all__ += [
+    "convert",
+    "recipe",
+    "registry",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "convert_with_report",
+    "ConversionReport",
+    "calibrate_thresholds",
+]

@@ -50,12 +50,12 @@ class TrainConfig:
     lr_params: float = 1e-3          # real-valued parameters (BN, biases, scales, thresholds, FP layers)
     weight_decay: float = 0.0        # real-valued parameters only (never the logits)
     momentum: float = 0.9            # sgd
-    schedule: str = "cosine"
+    schedule: str = "cosine"         # per step after warmup; "step": x0.1 at 50% and 75%
     warmup_epochs: int = 0
     grad_clip: Optional[float] = None
     amp: bool = False                # autocast (bf16 on CPU, fp16 on CUDA)
     seed: int = 0
-    kd_weight: float = 0.0           # knowledge distillation from the FP teacher
+    kd_weight: float = 0.0           # in [0, 1]: (1 - w) CE + w T^2 KL(teacher || student)
     kd_temperature: float = 4.0
     beta_regularizer: float = 0.0    # binary: sum p(1-p)
     logit_decay: float = 0.0         # ternary / categorical: L2 on the logits
@@ -63,9 +63,12 @@ class TrainConfig:
     bn_reestimate_batches: int = 20  # BN re-estimation on the frozen network
     sampled_networks: int = 0        # K sampled networks compared on the validation split
     val_fraction: float = 0.1
+    val_frozen: bool = True          # per-epoch val of a frozen copy (mode, BN re-estimated)
     sign_temperature: ScheduleConfig = field(default_factory=ScheduleConfig)
     sign_noise_std: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(0.5, 0.5))
-    log_every: int = 50
+    log_every: int = 50              # progress-bar postfix refresh, in steps
+    checkpoint_every: int = 0        # also checkpoint every N steps (0: once per epoch)
+    eval_batch_size: int = 256
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -81,6 +84,13 @@ class TrainConfig:
             raise ValueError("lr_logits and lr_params must be > 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.kd_weight > 1:
+            raise ValueError(f"kd_weight must be in [0, 1] (loss = (1 - kd_weight) * CE + "
+                             f"kd_weight * KD), got {self.kd_weight}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
 

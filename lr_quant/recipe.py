@@ -1,0 +1,512 @@
+"""Recipes: how to turn a (timm) backbone into an LR network, as a versioned dataclass.
+
+A recipe is YAML (or a dict) validated *strictly* into :class:`Recipe`: an unknown key, a
+value of the wrong type or an unknown quantizer name raises :class:`RecipeError` naming
+the key path (``weights.distribution``), the bad value and the valid choices. One
+generic validator (:func:`from_dict`) reads the dataclass type hints and recurses through
+Optional / Union / List / Tuple / Dict / Literal / nested dataclasses; it also validates
+the ``train:`` and ``data:`` sections (:class:`lr_quant.train_config.TrainConfig`,
+:class:`~lr_quant.train_config.DataConfig`), whose ``__post_init__`` checks run too.
+
+    recipe = load_recipe("resnet_w1")                 # packaged recipes/<name>.yaml
+    recipe = Recipe.from_yaml("my.yaml")              # or a path
+    recipe.to_yaml("args.yaml")                       # round trip: from_dict(to_dict()) == recipe
+
+See docs/recipes.md for the schema, the quantizer names and override precedence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
+
+import yaml
+
+from .distributions import DEFAULT_P_MAX, DEFAULT_P_MIN, check_probability_bounds
+from .functional import DEFAULT_EPS
+from .quant.activation import THRESHOLD_INITS
+from .registry import (available_act_quantizers, available_weight_quantizers,
+                       get_act_quantizer, get_weight_quantizer)
+from .train_config import DataConfig, TrainConfig
+
+__all__ = [
+    "RECIPE_VERSION",
+    "RecipeError",
+    "WeightQuantSpec",
+    "ActQuantSpec",
+    "ModelConfig",
+    "WeightsConfig",
+    "ActivationsConfig",
+    "KeepFPConfig",
+    "LayerOverride",
+    "InitConfig",
+    "Recipe",
+    "from_dict",
+    "to_dict",
+    "load_recipe",
+    "recipe_dirs",
+    "available_recipes",
+]
+
+RECIPE_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+REGEX_PREFIX = "re:"
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; ``path`` is the dotted key path of the problem."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path or '<recipe>'}: {message}")
+
+
+def _join(path: str, key) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+# -- quantizer specs: a registered name, or {name: ..., **options} -----------------------
+
+
+@dataclass(frozen=True)
+class _QuantSpec:
+    """A registered quantizer name with options; YAML: ``name`` or ``{name: ..., opt: ...}``."""
+    name: str
+    options: Tuple[Tuple[str, Any], ...] = ()
+
+    kind: typing.ClassVar[str] = ""
+
+    @classmethod
+    def _resolver(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def _choices(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def _from_recipe(cls, value, path: str) -> "_QuantSpec":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            name, options = value, {}
+        elif isinstance(value, Mapping):
+            options = dict(value)
+            name = options.pop("name", None)
+            if not isinstance(name, str):
+                raise RecipeError(path, f"a {cls.kind} quantizer mapping needs a string 'name' "
+                                        f"(one of {list(cls._choices())}), got {value!r}")
+        else:
+            raise RecipeError(path, f"expected a {cls.kind} quantizer name (one of "
+                                    f"{list(cls._choices())}) or a mapping {{name: ..., "
+                                    f"options}}, got {type(value).__name__} {value!r}")
+        if name not in cls._choices():
+            raise RecipeError(path, f"unknown {cls.kind} quantizer {name!r}; valid choices: "
+                                    f"{list(cls._choices())}{_did_you_mean(name, cls._choices())}")
+        spec = cls(name, tuple(sorted((k, _freeze(v)) for k, v in options.items())))
+        try:
+            spec.resolve()
+        except (TypeError, ValueError) as e:
+            raise RecipeError(path, str(e)) from None
+        return spec
+
+    def _to_recipe(self):
+        if not self.options:
+            return self.name
+        return {"name": self.name, **{k: _thaw(v) for k, v in self.options}}
+
+    def as_spec(self):
+        return self._to_recipe()
+
+    def resolve(self):
+        return self._resolver()(self._to_recipe())
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={_thaw(v)}' for k, v in self.options)})"
+
+
+def _freeze(v):
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    return v
+
+
+def _thaw(v):
+    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
+
+
+class WeightQuantSpec(_QuantSpec):
+    """A weight quantizer of lr_quant.registry (``lr_binary``, ``lr_ternary_per_channel`` ...)."""
+    kind = "weight"
+
+    @classmethod
+    def _resolver(cls):
+        return get_weight_quantizer
+
+    @classmethod
+    def _choices(cls):
+        return available_weight_quantizers()
+
+
+class ActQuantSpec(_QuantSpec):
+    """An activation quantizer of lr_quant.registry (``stochastic_sign``, ``ste_sign``, ``int8``)."""
+    kind = "activation"
+
+    @classmethod
+    def _resolver(cls):
+        return get_act_quantizer
+
+    @classmethod
+    def _choices(cls):
+        return available_act_quantizers()
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_pattern(pattern: str, path: str) -> None:
+    """A layer pattern is an exact module name or ``re:<regex>`` (full match)."""
+    if not isinstance(pattern, str) or not pattern:
+        raise RecipeError(path, f"a layer pattern must be a non-empty string, got {pattern!r}")
+    if pattern.startswith(REGEX_PREFIX):
+        try:
+            re.compile(pattern[len(REGEX_PREFIX):])
+        except re.error as e:
+            raise RecipeError(path, f"bad regular expression {pattern!r}: {e}") from None
+
+
+# -- sections -------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The backbone a recipe is meant for (used by the CLI; `convert` takes any model)."""
+    name: Optional[str] = None                   # timm model name, e.g. "resnet10t"
+    pretrained: bool = False                     # timm / hub weights (needs a network)
+    checkpoint: Optional[str] = None             # local float weights (timm checkpoint_path)
+    num_classes: Optional[int] = None
+    in_chans: Optional[int] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)   # more timm.create_model kwargs
+
+
+@dataclass
+class WeightsConfig:
+    """Weight quantizer per layer kind; null keeps that kind in full precision.
+
+    conv: dense and grouped (1 < groups < in_channels) convolutions, 1x1 shortcuts too;
+    depthwise: groups == in_channels > 1; linear: nn.Linear and timm.layers.Linear.
+    """
+    conv: Optional[WeightQuantSpec] = WeightQuantSpec("lr_binary_per_channel")
+    depthwise: Optional[WeightQuantSpec] = WeightQuantSpec("lr_binary_per_channel")
+    linear: Optional[WeightQuantSpec] = WeightQuantSpec("lr_binary_per_channel")
+    # "fold": a converted layer whose output only a BatchNorm reads loses its bias, folded
+    # into the BN running mean (exact; FINN wants no bias before BN). "keep": unchanged.
+    bias_before_norm: Literal["keep", "fold"] = "keep"
+
+
+@dataclass
+class ActivationsConfig:
+    """Activation quantizers, placed as ``input_quant`` of the converted layers.
+
+    quantizer: on the input of every converted layer (W1A1: ``stochastic_sign``), except
+    the layers that read the network input, which get ``input_quantizer`` (e.g. ``int8``)
+    or stay float. A monotone activation module (ReLU, ReLU6, ...) whose output feeds only
+    sign inputs is dropped (sign(ReLU(a) - t) = sign(a - t) for t > 0) when ``drop_relu``.
+    ``moments``: converted LR layers hand their Gaussian moments downstream
+    (``lr_output_moments``) so a sign reached through BatchNorm uses moment mode.
+    """
+    quantizer: Optional[ActQuantSpec] = None
+    input_quantizer: Optional[ActQuantSpec] = None
+    threshold_init: str = "median"
+    drop_relu: bool = True
+    moments: bool = True
+
+    def __post_init__(self):
+        if self.threshold_init not in THRESHOLD_INITS:
+            raise ValueError(f"threshold_init={self.threshold_init!r} is not one of "
+                             f"{THRESHOLD_INITS}")
+
+
+@dataclass
+class KeepFPConfig:
+    """Layers kept in full precision."""
+    first_conv: bool = True        # timm pretrained_cfg["first_conv"]
+    classifier: bool = True        # timm pretrained_cfg["classifier"]
+    names: List[str] = field(default_factory=list)   # exact module names or "re:<regex>"
+
+    def __post_init__(self):
+        for i, name in enumerate(self.names):
+            check_pattern(name, f"names[{i}]")
+
+
+@dataclass
+class LayerOverride:
+    """Per-layer settings, keyed by an exact module name or ``re:<regex>`` (full match).
+
+    Precedence: an exact name beats every regex; among regexes the first one in the file
+    wins. Unset fields fall back to the recipe's defaults.
+    """
+    keep_fp: bool = False
+    weights: Optional[WeightQuantSpec] = None    # None: the recipe's quantizer for the kind
+    activation: Optional[ActQuantSpec] = None    # None: the recipe's activation quantizer
+    float_input: bool = False                    # no activation quantizer on this input
+
+
+@dataclass
+class InitConfig:
+    """Initialization of the weight distributions (Shayer et al. 2018)."""
+    from_pretrained: bool = True   # logits from the float weights; False: from scratch
+    p_min: float = DEFAULT_P_MIN
+    p_max: float = DEFAULT_P_MAX
+    eps: float = DEFAULT_EPS       # sqrt(v + eps) of the LR sample
+    seed: int = 0                  # scratch initialization draw
+
+    def __post_init__(self):
+        check_probability_bounds(self.p_min, self.p_max)
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+
+
+@dataclass
+class Recipe:
+    """A versioned conversion + training recipe (see docs/recipes.md).
+
+    Regularizer weights (beta_regularizer, logit_decay, logit_clamp) live in ``train:``.
+    """
+    version: int = RECIPE_VERSION
+    name: str = ""
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    keep_fp: KeepFPConfig = field(default_factory=KeepFPConfig)
+    overrides: Dict[str, LayerOverride] = field(default_factory=dict)
+    init: InitConfig = field(default_factory=InitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        if self.version not in SUPPORTED_VERSIONS:
+            raise RecipeError("version", f"recipe version {self.version} is not supported "
+                                         f"(this lr_quant reads {list(SUPPORTED_VERSIONS)})")
+        for key in self.overrides:
+            check_pattern(key, _join("overrides", key))
+
+    # -- I/O ----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
+        return from_dict(cls, data)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_yaml(cls, path) -> "Recipe":
+        path = Path(path)
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise RecipeError("", f"{path} is not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        try:
+            return cls.from_dict(data)
+        except RecipeError as e:
+            raise RecipeError(e.path, f"{str(e).split(': ', 1)[1]} (in {path})") from None
+
+    def to_yaml(self, path=None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+# -- the generic dataclass validator ---------------------------------------------------
+
+
+def from_dict(cls, data, path: str = ""):
+    """Build dataclass `cls` from a mapping, checking every key and type against the type
+    hints (recursively); raises RecipeError naming the key path."""
+    return _convert(data, cls, path)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, path: str):
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise RecipeError(path, f"null is not allowed; expected {_type_name(tp)}")
+        errors = []
+        for alt in args:
+            if alt is type(None):
+                continue
+            try:
+                return _convert(value, alt, path)
+            except RecipeError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise RecipeError(path, f"{value!r} matches none of {_type_name(tp)}: "
+                                f"{'; '.join(str(e) for e in errors)}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(path, f"{value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(path, f"expected a list, got {type(value).__name__} {value!r}")
+        (item,) = args or (Any,)
+        return [_convert(v, item, _join(path, i)) for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(path, f"expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], _join(path, i)) for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise RecipeError(path, f"expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(v, a, _join(path, i)) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise RecipeError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        key_tp, val_tp = args or (Any, Any)
+        return {_convert(k, key_tp, _join(path, k)): _convert(v, val_tp, _join(path, k))
+                for k, v in value.items()}
+    if isinstance(tp, type) and hasattr(tp, "_from_recipe"):
+        return tp._from_recipe(value, path)
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(value, tp, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(path, f"expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(path, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(path, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(path, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            raise RecipeError(path, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{path}: the recipe validator does not support type {tp!r}")
+
+
+def _convert_dataclass(value, cls, path: str):
+    if isinstance(value, cls):
+        value = to_dict(value)
+    if not isinstance(value, Mapping):
+        raise RecipeError(path, f"expected a mapping (section {cls.__name__}), got "
+                                f"{type(value).__name__} {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        key = unknown[0]
+        raise RecipeError(_join(path, key), f"unknown key {key!r}; valid keys: "
+                                            f"{list(fields)}{_did_you_mean(str(key), fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _convert(value[name], hints[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(_join(path, name), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except RecipeError as e:
+        if path and not e.path.startswith(path):
+            raise RecipeError(_join(path, e.path), str(e).split(": ", 1)[1]) from None
+        raise
+    except (ValueError, TypeError) as e:
+        # __post_init__ checks (e.g. TrainConfig): name the field when the message does
+        message = str(e)
+        field_name = next((n for n in fields if re.match(rf"^{re.escape(n)}\b", message)), None)
+        raise RecipeError(_join(path, field_name) if field_name else path, message) from None
+
+
+def to_dict(obj) -> Any:
+    """Plain-data (YAML-safe) form of a recipe dataclass; `from_dict` inverts it."""
+    if hasattr(obj, "_to_recipe"):
+        return obj._to_recipe()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# -- packaged recipes -------------------------------------------------------------------
+
+
+def recipe_dirs() -> List[Path]:
+    """Where bare recipe names are looked up: the repository's top-level ``recipes/``
+    (next to the package: editable installs and source checkouts), then ``lr_quant/recipes``
+    (if a wheel ships them as package data)."""
+    package = Path(__file__).resolve().parent
+    dirs = [package.parent / "recipes", package / "recipes"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def available_recipes() -> List[str]:
+    names = set()
+    for d in recipe_dirs():
+        names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_recipe(path_or_name) -> Recipe:
+    """A Recipe from a YAML path, or a packaged recipe by bare name (``"quickstart"``)."""
+    if isinstance(path_or_name, Recipe):
+        return path_or_name
+    if isinstance(path_or_name, Mapping):
+        return Recipe.from_dict(path_or_name)
+    text = str(path_or_name)
+    path = Path(text)
+    looks_like_path = path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text
+    if path.is_file():
+        return Recipe.from_yaml(path)
+    if looks_like_path:
+        raise FileNotFoundError(f"recipe file {text!r} does not exist")
+    for d in recipe_dirs():
+        candidate = d / f"{text}.yaml"
+        if candidate.is_file():
+            return Recipe.from_yaml(candidate)
+    names = available_recipes()
+    raise FileNotFoundError(
+        f"no recipe named {text!r}; packaged recipes: {names}{_did_you_mean(text, names)} "
+        f"(searched {[str(d) for d in recipe_dirs()]})")
