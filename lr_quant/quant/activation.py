@@ -45,6 +45,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from brevitas import config as brevitas_config
 from brevitas.core.bit_width import BitWidthConst
 from brevitas.core.utils import StatelessBuffer
 from brevitas.function.ops_ste import binary_sign_ste
@@ -83,7 +84,22 @@ def _positive_float(name: str, value) -> float:
     return value
 
 
-class StochasticBinaryQuant(nn.Module):
+class _TolerateMissingKeys:
+    """Like Brevitas' core modules: under `brevitas.config.IGNORE_MISSING_KEYS` (set by
+    `layerwise_quantize` while it loads float state dicts into new layers) this module's
+    own parameters/buffers keep their initial values instead of failing a strict load."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if brevitas_config.IGNORE_MISSING_KEYS:
+            for name in list(self._parameters) + list(self._buffers):
+                if prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
+
+
+class StochasticBinaryQuant(_TolerateMissingKeys, nn.Module):
     """Binary tensor quantizer: stochastic +-1 in training, ``x >= 0 -> +1`` in eval.
 
     Drop-in for Brevitas' ``BinaryQuant`` (same ``(y, scale, zero_point, bit_width)``
@@ -172,7 +188,7 @@ class StochasticBinaryQuant(nn.Module):
                 f"propagate_moments={self.propagate_moments}")
 
 
-class ThresholdShift(nn.Module):
+class ThresholdShift(_TolerateMissingKeys, nn.Module):
     """x - t with a learnable threshold t per channel (or per tensor), initialized from data.
 
     ``sign(x - t)`` is the thresholded sign (ReActNet's RSign); for a Gaussian input

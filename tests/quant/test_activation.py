@@ -270,3 +270,23 @@ def test_finn_frontend_absorbs_the_threshold_and_keeps_outputs(tmp_path):
     assert ops.get("MultiThreshold", 0) == 2 and ops.get("XnorPopcountMatMul", 0) == 2
     for stage in ("qonnx", "converted", "streamlined"):
         assert result["stages"][stage]["max_abs_err"] <= 1e-4
+
+
+def test_layerwise_quantize_with_a_stochastic_sign_input_quant():
+    """Brevitas' layerwise_quantize loads the float state strictly under
+    IGNORE_MISSING_KEYS: the sign quantizer's own buffers must not fail that load."""
+    from brevitas.graph.quantize import layerwise_quantize
+    from brevitas import config
+
+    from lr_quant.nn import LRQuantLinear
+    from lr_quant.quant.activation import StochasticSignActPerTensorConst
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    layer_map = {nn.Linear: (LRQuantLinear, {"input_quant": StochasticSignActPerTensorConst,
+                                             "return_quant_tensor": False})}
+    converted = layerwise_quantize(model, compute_layer_map=layer_map)
+    assert isinstance(converted[2], LRQuantLinear)
+    assert not config.IGNORE_MISSING_KEYS  # restored by Brevitas afterwards
+    # outside that context a strict load still reports missing keys
+    with pytest.raises(RuntimeError, match="Missing key"):
+        converted[2].load_state_dict({"weight": torch.randn(2, 3), "bias": torch.zeros(2)})
