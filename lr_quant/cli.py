@@ -1,66 +1,354 @@
-"""`lr-quant` command line: parses arguments and calls the library."""
+"""`lr-quant` command line: parses arguments and calls the library.
+
+    lr-quant quickstart                        # the whole product offline, in a minute or two
+    lr-quant convert -c recipes/resnet_w1.yaml --output runs/r18
+    lr-quant train   -c recipes/resnet_w1.yaml --output runs/r18 --train.epochs 3
+    lr-quant eval    runs/r18/final.safetensors
+    lr-quant export  runs/r18/final.safetensors --output runs/r18/model.onnx
+    lr-quant summary runs/r18/final.safetensors
+
+Recipe values are set in this order (last wins): the recipe's defaults, the `-c` YAML file,
+then flags named by their key path: `--train.epochs 3`, `--data.root /data/imagenette`,
+`--model.checkpoint fp.safetensors`, or `--set weights.conv=lr_ternary_per_channel` for any
+key. The resolved recipe is written as recipe.yaml beside the outputs.
+Under torchrun the same `train` command runs data-parallel:
+`torchrun --nproc_per_node 2 -m lr_quant.cli train -c recipe.yaml --output runs/x`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
-from dataclasses import fields
-from typing import List, Optional
+import typing
+from typing import Any, Dict, List, Optional
 
-from .distributions import available_distributions
+__all__ = ["main", "build_parser", "resolve_recipe", "parse_value"]
 
-__all__ = ["main", "build_parser"]
+OVERRIDE_SECTIONS = ("model", "train", "data", "init")
+FIELD_HELP = {
+    "model.name": "timm model name, e.g. resnet18",
+    "model.pretrained": "timm hub weights (needs a network)",
+    "model.checkpoint": "local FP weight file (.safetensors / .pth) loaded through timm",
+    "train.epochs": "fine-tuning epochs",
+    "train.batch_size": "global batch size (split over torchrun processes)",
+    "train.lr_logits": "learning rate of the LR weight logits (no weight decay)",
+    "train.lr_params": "learning rate of real-valued parameters (BN, scales, thresholds, FP layers)",
+    "train.schedule": "cosine | step | constant, per step after warmup",
+    "train.kd_weight": "0..1: (1-w) CE + w KD from the FP model",
+    "train.beta_regularizer": "binary layers: weight of sum p(1-p)",
+    "train.logit_decay": "ternary / categorical layers: weight of ||logits||^2",
+    "train.logit_clamp": "clamp logits to +-value after each step",
+    "train.sampled_networks": "K sampled networks compared with the mode on validation",
+    "train.bn_reestimate_batches": "training batches for BatchNorm re-estimation after freezing",
+    "train.val_fraction": "validation split carved from the training data",
+    "train.amp": "autocast to bfloat16",
+    "train.checkpoint_every": "also checkpoint every N steps (0: each epoch)",
+    "data.dataset": "digits | imagefolder | cifar10 | cifar100",
+    "data.root": "data folder (imagefolder: root/train/<class>, root/val/<class>)",
+    "data.download": "cifar: download with torchvision (needs a network)",
+}
+EXAMPLES = """examples:
+  lr-quant quickstart
+  lr-quant train -c recipes/quickstart.yaml --output runs/q --train.epochs 2
+  lr-quant train -c my.yaml --output runs/q --resume           # continue runs/q/checkpoint.safetensors
+  lr-quant eval runs/q/final.safetensors --split val
+  lr-quant export runs/q/final.safetensors --output runs/q/model.onnx
+"""
 
 
-def _add_demo(subparsers) -> None:
-    from .demo import DemoConfig
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML would read it, with 1e-3 style floats too."""
+    import yaml
 
-    defaults = DemoConfig()
-    p = subparsers.add_parser(
-        "demo",
-        help="end-to-end LR run on the offline digits: pretrain, convert, fine-tune, "
-        "freeze, export QONNX, verify",
-        description="Pretrain a small full-precision MLP on scikit-learn's bundled 8x8 "
-        "digits, rebuild its Linear layers as LR layers from the pretrained weights, "
-        "fine-tune the weight distributions, freeze to the discrete network, export QONNX "
-        "and verify the file with qonnx. Runs offline on a CPU in under a minute.")
-    p.add_argument("--distribution", default=defaults.distribution,
-                   choices=[d for d in available_distributions() if d != "categorical"],
-                   help="weight distribution (default: %(default)s)")
-    p.add_argument("--per-channel-scale", action="store_true",
-                   help="learn a per-output-channel weight scale")
-    p.add_argument("--fp-epochs", type=int, default=defaults.fp_epochs)
-    p.add_argument("--lr-epochs", type=int, default=defaults.lr_epochs)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--output-dir", default=defaults.output_dir,
-                   help="where the .onnx and results.json go (default: %(default)s)")
-    p.set_defaults(func=_run_demo)
+    low = text.strip().lower()
+    if low in ("none", "null", "~"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
-def _run_demo(args) -> int:
-    from .demo import DemoConfig, run_demo
+def _scalar_fields(cls, prefix: str):
+    """(dotted path, type, default) for every scalar field of a dataclass, recursively."""
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _scalar_fields(tp, path)
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+        if base in (int, float, str, bool):
+            yield path, base, getattr(default, f.name)
 
-    for name in ("fp_epochs", "lr_epochs"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
-    known = {f.name for f in fields(DemoConfig)}
-    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in known})
-    run_demo(config)
+
+def _add_recipe_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from .recipe import Recipe
+
+    p.add_argument("-c", "--config", metavar="RECIPE", required=required,
+                   help="recipe: a YAML path or a packaged recipe name (e.g. quickstart)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any recipe key, e.g. --set weights.conv=lr_ternary_per_channel "
+                        "(repeatable; VALUE is YAML)")
+    hints = typing.get_type_hints(Recipe)
+    for section in OVERRIDE_SECTIONS:
+        group = p.add_argument_group(f"recipe {section}: section (overrides the -c file)")
+        for path, tp, default in _scalar_fields(hints[section], section):
+            kind = {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}[tp]
+            text = FIELD_HELP.get(path, "")
+            group.add_argument(f"--{path}", dest=f"recipe:{path}", default=None, metavar=kind,
+                               help=f"{text} (built-in default: {default})".strip())
+
+
+def _set_path(tree: Dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {} if node.get(key) is None else node[key]
+            if not isinstance(node[key], dict):
+                raise SystemExit(f"error: --set {path}: {key} is not a section")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def resolve_recipe(args) -> "Recipe":
+    """The recipe of -c, with --section.key flags and --set KEY=VALUE applied, validated."""
+    from .recipe import Recipe, load_recipe
+
+    base = load_recipe(args.config).to_dict() if args.config else Recipe().to_dict()
+    for key, value in vars(args).items():
+        if key.startswith("recipe:") and value is not None:
+            _set_path(base, key[len("recipe:"):], parse_value(value))
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        _set_path(base, key.strip(), parse_value(value))
+    return Recipe.from_dict(base)
+
+
+# -- subcommands --------------------------------------------------------------------------
+def _cmd_quickstart(args) -> int:
+    from .quickstart import QuickstartConfig, run_quickstart
+
+    run_quickstart(QuickstartConfig(output_dir=args.output, recipe=args.recipe,
+                                    fp_epochs=args.fp_epochs, epochs=args.epochs, seed=args.seed,
+                                    retrain_fp=args.retrain_fp, progress=not args.no_progress))
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .distributed import cleanup_distributed
+    from .train import run_training
+
+    recipe = resolve_recipe(args)
+    resume = args.resume
+    try:
+        run_training(recipe, args.output, resume=resume, progress=not args.no_progress,
+                     stop_after_steps=args.stop_after_steps)
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import atomic_write_text, save_checkpoint
+    from .convert import convert_with_report
+    from .train import build_float_model
+
+    recipe = resolve_recipe(args)
+    num_classes = recipe.model.num_classes
+    if num_classes is None:
+        raise ValueError("convert needs model.num_classes (in the recipe or "
+                         "--model.num_classes N)")
+    model = build_float_model(recipe, num_classes)
+    model, report = convert_with_report(model, recipe)
+    print(report)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+        atomic_write_text(out / "conversion.txt", str(report) + "\n")
+        path = save_checkpoint(out / "converted.safetensors", model,
+                               {"model": recipe.model.name, "num_classes": num_classes,
+                                "recipe": recipe.to_dict(), "stage": "converted"})
+        print(f"wrote {path}, {out / 'recipe.yaml'}, {out / 'conversion.txt'}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    from .data import build_datasets
+    from .train import evaluate, load_trained_model
+
+    model, recipe, meta = load_trained_model(args.checkpoint)
+    data = build_datasets(recipe.data if args.data_root is None else
+                          dataclasses.replace(recipe.data, root=args.data_root),
+                          recipe.train.val_fraction, recipe.train.seed)
+    result = evaluate(model, getattr(data, args.split), recipe.train.eval_batch_size)
+    frozen = "frozen" if meta.get("frozen") else "not frozen: LR mode weights"
+    print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split,
+                      "network": frozen, **result}, indent=2))
+    return 0
+
+
+def _example_input(recipe, batch: int):
+    import torch
+
+    chans = recipe.model.in_chans or 3
+    size = recipe.data.image_size
+    return torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .export import export_qonnx
+    from .train import load_trained_model
+
+    model, recipe, meta = load_trained_model(args.checkpoint)
+    if not meta.get("frozen"):
+        raise ValueError(f"{args.checkpoint} is not a frozen network; export "
+                         f"final.safetensors (written when training ends)")
+    output = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))
+    example = _example_input(recipe, args.batch_size)
+    result = export_qonnx(model, example, output, require_frozen=True, num_checks=4)
+    print(f"exported {result.path}; verified by qonnx on {result.num_checks} inputs: max abs "
+          f"error {result.max_abs_error:.2e}")
+    return 0
+
+
+def _cmd_summary(args) -> int:
+    from .train import build_float_model, load_trained_model
+
+    if args.checkpoint:
+        model, recipe, _ = load_trained_model(args.checkpoint)
+    else:
+        from .convert import convert
+        recipe = resolve_recipe(args)
+        model = convert(build_float_model(recipe, recipe.model.num_classes or 10, False), recipe)
+    print(model_summary_table(model, _example_input(recipe, 1)))
+    return 0
+
+
+def model_summary_table(model, example) -> str:
+    from .summary import model_summary
+    return model_summary(model, example).table()
+
+
+# -- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lr-quant",
-        description="Train binary / ternary networks with LR-nets on Brevitas, export QONNX.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_demo(subparsers)
+        prog="lr-quant", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune pretrained networks to binary / ternary weights with LR-nets "
+                    "(Brevitas), freeze them and export QONNX.\nStart with `lr-quant "
+                    "quickstart`; `lr-quant COMMAND --help` explains each command.",
+        epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "quickstart", help="offline end-to-end run on the bundled digits (a minute or two)",
+        description="Pretrain (or reuse) a small full-precision timm ResNet on scikit-learn's "
+                    "bundled digits, convert it with recipes/quickstart.yaml, fine-tune LR "
+                    "binary weights from the FP weights, freeze, re-estimate BatchNorm, export "
+                    "QONNX, verify it with qonnx, print the layer summary and accuracies. "
+                    "No network, no GPU needed.")
+    p.add_argument("--output", default="lr_quant_quickstart", help="output folder (default: %(default)s)")
+    p.add_argument("--recipe", default="quickstart", help="recipe name or path (default: %(default)s)")
+    p.add_argument("--fp-epochs", type=int, default=3, help="FP pretraining epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="LR fine-tuning epochs (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain-fp", action="store_true", help="pretrain the FP model again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser(
+        "train", help="fine-tune a recipe's model from its pretrained FP weights",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build the recipe's timm model with its pretrained FP weights "
+                    "(model.checkpoint: a local file; model.pretrained: true for the hub), "
+                    "convert it, fine-tune the LR weight distributions (KD from the FP model), "
+                    "freeze, re-estimate BatchNorm, pick among sampled networks on a validation "
+                    "split of the training data. Writes recipe.yaml, checkpoint.safetensors "
+                    "(resumable), final.safetensors (frozen), history.csv/json, curves.png and "
+                    "metrics.json to --output.",
+        epilog="Runs data-parallel under torchrun: torchrun --nproc_per_node N -m lr_quant.cli "
+               "train -c RECIPE --output DIR")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (default: OUTPUT/checkpoint.safetensors)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("convert", help="convert a recipe's model and print what each layer became",
+                       description="Build the recipe's model with its FP weights, convert it, "
+                                   "print the conversion report; with --output also save the "
+                                   "converted model, recipe.yaml and the report.")
+    p.add_argument("--output", default=None, help="output folder (optional)")
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("eval", help="accuracy of a trained checkpoint",
+                       description="Accuracy and loss of a checkpoint written by `lr-quant "
+                                   "train` on the test split (or val / train) of its recipe's "
+                                   "data set.")
+    p.add_argument("checkpoint", help="final.safetensors (frozen) or checkpoint.safetensors")
+    p.add_argument("--split", choices=["test", "val", "train_eval"], default="test")
+    p.add_argument("--data-root", default=None, help="override data.root of the recipe")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="export a frozen checkpoint to QONNX and verify it",
+                       description="Export final.safetensors to QONNX (Brevitas) and check "
+                                   "with qonnx's executor that the file reproduces PyTorch.")
+    p.add_argument("checkpoint", help="final.safetensors written by `lr-quant train`")
+    p.add_argument("--output", default=None, help=".onnx path (default: beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="static batch size of the exported graph (default: %(default)s)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("summary", help="per-layer precision / memory / MACs table",
+                       description="larq-style table of a checkpoint, or of a recipe's "
+                                   "converted model (-c): bits, params, memory, MACs, FINN.")
+    p.add_argument("checkpoint", nargs="?", default=None)
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_summary)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .export import QONNXExportError, QONNXMismatchError
+    from .models import ModelError
+    from .train import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (CheckpointError, DataError, ModelError, NonFiniteLossError, FileNotFoundError,
+            QONNXExportError, QONNXMismatchError, ValueError) as e:
+        # user errors: one clear line, no traceback (RecipeError is a ValueError);
+        # LR_QUANT_DEBUG=1 shows the traceback
+        if os.environ.get("LR_QUANT_DEBUG"):
+            raise
+        print(f"lr-quant {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

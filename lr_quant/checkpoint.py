@@ -1,0 +1,181 @@
+"""Training checkpoints: one safetensors file, written atomically, no pickle.
+
+A checkpoint holds every tensor (model state, optimizer and scheduler tensors, RNG
+states) as safetensors entries, and the rest (epoch, step, architecture, metrics, the
+optimizer's param groups, the resolved recipe) as JSON in the safetensors metadata. Nested
+states are flattened: a tensor inside a dict or list becomes the entry ``<prefix>/<path>``
+and a ``{"__tensor__": name}`` placeholder in the JSON. Loading executes no code (no
+pickle), so a checkpoint from an untrusted source cannot run anything.
+
+Writes go to ``<path>.tmp`` and are renamed with ``os.replace``: a crash mid-write leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "capture_rng_state",
+           "restore_rng_state", "load_model_state", "atomic_write_text", "FORMAT"]
+
+FORMAT = "lr_quant.checkpoint/1"
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _flatten(obj: Any, prefix: str, tensors: Dict[str, Tensor]) -> Any:
+    """JSON-able structure of obj with tensors moved into `tensors`."""
+    if isinstance(obj, Tensor):
+        name = f"{prefix}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": _flatten(torch.from_numpy(obj.copy()), prefix, tensors)}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"checkpoint dict keys must be str or int at {prefix}")
+        # int keys (optimizer state) survive as {"__int_keys__": ...}
+        items = {str(k): _flatten(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+        if any(isinstance(k, int) for k in obj):
+            return {"__int_keys__": items}
+        return items
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix} in a checkpoint")
+
+
+def _unflatten(obj: Any, tensors: Dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__ndarray__"}:
+            return _unflatten(obj["__ndarray__"], tensors).numpy()
+        if set(obj) == {"__tuple__"}:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        if set(obj) == {"__int_keys__"}:
+            return {int(k): _unflatten(v, tensors) for k, v in obj["__int_keys__"].items()}
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state[0], np.asarray(numpy_state[1], dtype=np.uint32),
+                         *numpy_state[2:]))
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: PathLike, model: nn.Module, meta: Dict[str, Any],
+                    training_state: Optional[Dict[str, Any]] = None) -> Path:
+    """Write model state + training state + JSON metadata to `path` atomically.
+
+    meta: JSON-able (epoch, step, architecture, metrics, recipe ...).
+    training_state: optimizer / scheduler state dicts, RNG states (any nesting of dicts,
+        lists, tuples, tensors, numbers, strings).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: Dict[str, Tensor] = {}
+    for name, value in model.state_dict().items():
+        tensors[f"model/{name}"] = value.detach().cpu().contiguous()
+    state_json = _flatten(training_state or {}, "state", tensors)
+    metadata = {"format": FORMAT, "meta": json.dumps(meta), "state": json.dumps(state_json)}
+    tmp = path.with_name(path.name + ".tmp")
+    # clones: safetensors refuses tensors that share storage (tied weights, views)
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any], Dict[str, Any]]:
+    """(model_state, meta, training_state) of a checkpoint; CheckpointError if unreadable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not an lr_quant checkpoint "
+                                  f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+        meta = json.loads(metadata["meta"])
+        state = _unflatten(json.loads(metadata["state"]), tensors)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types on truncated files
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
+                              f"{e}); resume from an older checkpoint or start again") from e
+    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    return model_state, meta, state
+
+
+def load_model_state(model: nn.Module, state: Dict[str, Tensor], source: str = "checkpoint",
+                     architecture: Optional[str] = None,
+                     expected_architecture: Optional[str] = None) -> None:
+    """Strictly load `state` into `model`, with a readable error when it does not fit."""
+    if architecture and expected_architecture and architecture != expected_architecture:
+        raise CheckpointError(
+            f"{source} is for architecture {architecture!r}, the model is "
+            f"{expected_architecture!r}")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        def head(items):
+            return ", ".join(items[:5]) + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys {head(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {head(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches {head(mismatched)}")
+        raise CheckpointError(f"{source} does not fit this model (another architecture or "
+                              f"recipe?): " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,60 @@
+"""The per-layer summary against counts done by hand on a small model."""
+
+import pytest
+import torch
+from torch import nn
+
+from lr_quant import freeze
+from lr_quant.nn import LRQuantConv2d
+from lr_quant.nn.stochastic_sign import StochasticSign
+from lr_quant.quant import LRBinaryWeightPerChannelFloat, LRBinaryWeightPerTensorConst
+from lr_quant.summary import model_summary
+
+
+def small():
+    return nn.Sequential(
+        LRQuantConv2d(3, 8, 3, padding=1, bias=False, weight_quant=LRBinaryWeightPerChannelFloat),
+        nn.BatchNorm2d(8),
+        StochasticSign(8),
+        LRQuantConv2d(8, 4, 3, stride=2, padding=1, groups=2, bias=True,
+                      weight_quant=LRBinaryWeightPerTensorConst),
+        nn.Flatten(),
+        nn.Linear(36, 10))
+
+
+def test_counts_match_hand_counts():
+    model = small()
+    freeze(model)
+    s = model_summary(model, torch.randn(2, 3, 6, 6))
+    rows = {r.name: r for r in s.rows}
+    conv1, bn, conv2, fc = rows["0"], rows["1"], rows["3"], rows["5"]
+    # conv1: 8 x 6 x 6 outputs, each 3 * 3 * 3 MACs; 216 binary weights + 8 float scales
+    assert (conv1.macs, conv1.params, conv1.memory_bits) == (288 * 27, 216 + 8, 216 + 8 * 32)
+    assert (conv1.weight_bits, conv1.input_bits, conv1.finn) == (1, 32, "yes")
+    # BN: weight, bias, running mean and var
+    assert (bn.params, bn.memory_bits, bn.macs) == (32, 32 * 32, 0)
+    # conv2: groups 2, stride 2: 4 x 3 x 3 outputs, each (8 / 2) * 9 MACs; input is +-1
+    assert (conv2.macs, conv2.params, conv2.memory_bits) == (36 * 36, 144 + 4, 144 + 4 * 32)
+    assert (conv2.weight_bits, conv2.input_bits) == (1, 1)
+    assert (fc.macs, fc.params, fc.memory_bits, fc.weight_bits) == (360, 370, 370 * 32, 32)
+    assert fc.finn.startswith("no")
+    sign = [r for r in s.rows if r.kind == "ThresholdShift"]
+    assert len(sign) == 1 and sign[0].params == 8
+    t = s.totals
+    assert t["params"] == 224 + 32 + 8 + 148 + 370
+    assert t["memory_bytes"] == (472 + 1024 + 256 + 272 + 11840) / 8
+    assert t["fp32_bytes"] == 4 * t["params"]
+    assert t["compression"] == pytest.approx(4 * t["params"] / t["memory_bytes"])
+    assert t["macs"] == 7776 + 1296 + 360
+    assert t["binary_mac_share"] == pytest.approx((7776 + 1296) / 9432)
+    assert t["xnor_mac_share"] == pytest.approx(1296 / 9432)
+
+
+def test_table_lists_every_row_and_the_totals():
+    model = small()
+    text = model_summary(model, torch.randn(1, 3, 6, 6)).table()
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["layer", "type", "W", "bits"]
+    assert any(line.startswith("3 ") and "LRQuantConv2d" in line for line in lines)
+    assert "compression x" in text and "XNOR (W1A1) MACs 13.7%" in text
+    assert model.training   # the mode is restored
