@@ -130,7 +130,8 @@ try:  # timm layer variants
     # forward is F.linear(x, weight, bias) (a dtype cast under torchscript only)
     register_layer_handler(_TimmLinear, LayerHandler(LRQuantLinear, QuantLinear))
     # TF 'SAME' padding computed from the input size: Brevitas' QuantConv2d does the same
-    # (torch padding='same' for stride 1, its own pad for stride > 1; same split of the pad)
+    # (torch padding='same' for stride 1, its own pad for stride > 1; same split of the pad;
+    # LR layers compute that pad as constants, so the QONNX export has a static Pad)
     _same = (("padding", "same"),)
     register_layer_handler(Conv2dSame, LayerHandler(LRQuantConv2d, QuantConv2d, _same))
     register_layer_handler(Conv2dSameExport, LayerHandler(LRQuantConv2d, QuantConv2d, _same))
@@ -377,10 +378,6 @@ def _plan(model: nn.Module, recipe: Recipe) -> Tuple[List[_Plan], List[str]]:
         row.status, row.target = CONVERTED, target.__name__
         row.weight_quant, row.weight_bits = str(spec), quantizer.precision
         row.reason = f"override {key!r}" if explicit else ""
-        if dict(handler.kwargs).get("padding") == "same" and max(module.stride) > 1:
-            row.reason = "; ".join(filter(None, [row.reason, (
-                "TF SAME, strided (Brevitas' same-pad path): PyTorch output tested equal; "
-                "QONNX export of a whole tf_ model with these fails verification (open)")]))
     # every keep_fp name is checked even for layers decided earlier
     for plan in plans:
         keep_names.match(plan.name)

@@ -161,6 +161,47 @@ def test_conv2d_same_converts_and_computes_tf_same_padding():
     model(torch.randn(2, 3, 15, 17)).sum().backward()
 
 
+def _tf_same_net():
+    """The stem and downsampling of a tf_ EfficientNet: timm Conv2dSame throughout."""
+    return nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2, bias=False),          # stem: kept float (first conv)
+        nn.BatchNorm2d(8), nn.ReLU6(),
+        Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False),  # strided depthwise
+        nn.BatchNorm2d(8), nn.ReLU6(),
+        Conv2dSame(8, 16, 5, stride=2, bias=False),         # strided 5x5
+        nn.BatchNorm2d(16), nn.ReLU6(),
+        Conv2dSame(16, 16, 4, stride=1),                    # stride 1, even kernel
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_conv2d_same_strided_exports_and_verifies_with_qonnx(tmp_path, size):
+    """Regression: a strided Conv2dSame after a float one (tf_efficientnet_lite0's stem and
+    blocks) exported with the pad computed in the graph from Shape(x); qonnx's cleanup
+    folded that Shape to zeros (the float stem's pad is dynamic, so the shape is unknown)
+    and baked a wrong pad. The pad is now a constant of the static input size."""
+    from lr_quant import freeze
+    from lr_quant.export import export_qonnx, run_qonnx
+
+    torch.manual_seed(0)
+    model = _tf_same_net()
+    fp = copy.deepcopy(model).eval()
+    model, report = convert_with_report(model, {"keep_fp": {"names": ["0"]}})
+    assert {r.name for r in report.converted} == {"3", "6", "9", "12"}
+    freeze(model)
+    model.eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        assert_same_output(expected, discrete_float_oracle(fp, model, report)(x))
+    result = export_qonnx(model, x, tmp_path / "same.onnx", num_checks=2)
+    assert result.verified and result.float_layers == ["0"]
+    assert result.op_counts["BipolarQuant"] == 4
+    got = torch.from_numpy(run_qonnx(result, x.numpy()))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_layer_variants_kept_in_full_precision_with_reasons():
     torch.manual_seed(0)
 

@@ -19,7 +19,8 @@ Forward (Shayer et al. 2018, local reparameterization):
 
 Only `inner_forward_impl` is overridden (Brevitas runs input_quant -> quant_weight ->
 bias_quant -> inner_forward_impl -> output_quant): padding modes, same-padding, groups
-and dilation all come from the parent's operator, called twice.
+and dilation all come from the parent's operator, called twice. (Strided padding='same'
+pads by constants computed from the input size, so that it exports as a static Pad.)
 
 A float state dict (no `weight_logits` key) loads as a pretrained initialization: the
 logits, the scale and the materialized weight are derived from the float weight. That
@@ -29,9 +30,11 @@ makes `LRQuantConv2d.from_float(conv)` and Brevitas' `layerwise_quantize` (stric
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import math
+from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from brevitas.nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from brevitas.quant_tensor import QuantTensor
 from torch import Tensor, nn
@@ -341,7 +344,34 @@ class LRQuantLinear(LRWeightMixin, QuantLinear):
         return dict(in_features=module.in_features, out_features=module.out_features)
 
 
+def _same_pad(x: Tensor, weight: Tensor, stride, dilation) -> List[int]:
+    """F.pad argument for TF 'SAME' with stride > 1 (Brevitas' split: pad // 2 before,
+    the rest after, as timm's pad_same), from the input size read as Python ints."""
+    pad = []
+    for i, k, s, d in zip(x.shape[2:], weight.shape[2:], stride, dilation):
+        i, k = int(i), int(k)
+        total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        pad = [total // 2, total - total // 2] + pad     # F.pad lists the last dim first
+    return pad
+
+
 class _LRQuantConvNd(LRWeightMixin):
+
+    def _same_zeros_pad_stride(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        """Brevitas' padding='same' with stride > 1, with the pad as constants.
+
+        Brevitas reads the input size as traced values, so the TorchScript export
+        computes the pad in the graph as ``const - Shape(x)[i]``. When the shape of x is
+        not known statically (e.g. after a float timm Conv2dSame, whose pad qonnx's
+        cleanup cannot fold), qonnx's FoldConstants folds that Shape to zeros and bakes a
+        wrong pad: the QONNX graph has a static input size, so the pad is a constant.
+        """
+        x = F.pad(x, _same_pad(x, weight, self.stride, self.dilation))
+        return self._conv_forward(x, weight, bias)      # padding is 0 here
+
+    conv1d_same_zeros_pad_stride = _same_zeros_pad_stride
+    conv2d_same_zeros_pad_stride = _same_zeros_pad_stride
+    conv3d_same_zeros_pad_stride = _same_zeros_pad_stride
 
     @staticmethod
     def _geometry_kwargs(module):
