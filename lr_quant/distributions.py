@@ -219,16 +219,51 @@ def _validate_values(values: Sequence[float]) -> Tuple[float, ...]:
     return vals
 
 
-class _BinaryMoments(torch.autograd.Function):
-    """mu = tanh(theta/2), var = sech^2(theta/2) = 4 p (1 - p), one fused backward:
-    dmu/dtheta = var / 2, dvar/dtheta = -var * mu (fewer weight-sized passes than autograd
-    through sigmoids; var stays accurate and > 0 for every theta, cosh overflow gives 0)."""
+def _sech2_half(logits: Tensor) -> Tensor:
+    """sech^2(t/2) = 4 sigmoid(t) sigmoid(-t) = 4e / (1 + e)^2, e = exp(-|t|)."""
+    e = torch.exp(-logits.abs())
+    return 4.0 * e / (1.0 + e).square_()
+
+
+class _TernaryMoments(torch.autograd.Function):
+    """Shayer's ternary moments with p0 = sigmoid(a), n = 1 - p0 = sigmoid(-a),
+    m = 2q - 1 = tanh(b/2), r = 4q(1 - q) = sech^2(b/2):  mu = n m,
+    var = n (p0 m^2 + r)  (non-negative terms, p0 and n each computed directly).
+    Backward by hand, saving p0, n, m, r only: dmu/da = -n p0 m, dmu/db = n r / 2,
+    dvar/da = -n p0 ((p0 - n) m^2 + r), dvar/db = -n^2 r m."""
 
     @staticmethod
     def forward(ctx, logits):
-        half = 0.5 * logits
-        mean = torch.tanh(half)
-        var = torch.cosh(half).pow_(-2)
+        p_zero = torch.sigmoid(logits[0])
+        n = torch.sigmoid(-logits[0])
+        m = torch.tanh(0.5 * logits[1])
+        r = _sech2_half(logits[1])
+        mean = n * m
+        var = n * (p_zero * m.square() + r)
+        ctx.save_for_backward(p_zero, n, m, r)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        p_zero, n, m, r = ctx.saved_tensors
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(n)
+        if grad_var is None:
+            grad_var = torch.zeros_like(n)
+        grad_a = -(n * p_zero) * (grad_mean * m + grad_var * ((p_zero - n) * m.square() + r))
+        grad_b = n * r * (0.5 * grad_mean - grad_var * n * m)
+        return torch.stack([grad_a, grad_b])
+
+
+class _BinaryMoments(torch.autograd.Function):
+    """mu = tanh(theta/2), var = sech^2(theta/2) = 4 p (1 - p) = 4e / (1 + e)^2 with
+    e = exp(-|theta|) (no cancellation, > 0 for every theta; exp is vectorized on CPU where
+    cosh is not), one fused backward: dmu/dtheta = var / 2, dvar/dtheta = -var * mu."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        mean = torch.tanh(0.5 * logits)
+        var = _sech2_half(logits)
         ctx.save_for_backward(mean, var)
         return mean, var
 
@@ -322,6 +357,9 @@ class TernaryDistribution(WeightDistribution):
         p_zero = torch.sigmoid(a)
         p_nonzero = torch.sigmoid(-a)
         return torch.stack([p_nonzero * torch.sigmoid(-b), p_zero, p_nonzero * torch.sigmoid(b)])
+
+    def moments(self, logits):
+        return _TernaryMoments.apply(logits)
 
     def regularizer(self, logits):
         return logits.square().sum()

@@ -260,3 +260,22 @@ def test_binary_moments_gradient_matches_autograd_of_the_definition():
     # extreme logits: finite, var >= 0
     mean, var = BinaryDistribution().moments(torch.tensor([-400.0, 400.0]))
     assert torch.equal(mean, torch.tensor([-1.0, 1.0])) and (var >= 0).all()
+
+
+def test_ternary_fused_moments_match_the_generic_sum_and_autograd():
+    """Shayer's closed form + hand backward vs sum_k p_k (v_k - mu)^2 through autograd."""
+    dist = TernaryDistribution()
+    logits = (3 * torch.randn(2, 40, dtype=torch.float64)).requires_grad_(True)
+    g_mean, g_var = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    mean, var = dist.moments(logits)
+    (mean * g_mean + var * g_var).sum().backward()
+    fused = logits.grad.clone()
+    logits.grad = None
+    from lr_quant.distributions import WeightDistribution
+    ref_mean, ref_var = WeightDistribution.moments(dist, logits)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+    (ref_mean * g_mean + ref_var * g_var).sum().backward()
+    torch.testing.assert_close(fused, logits.grad)
+    assert torch.autograd.gradcheck(lambda t: dist.moments(t),
+                                    (torch.randn(2, 4, dtype=torch.float64, requires_grad=True),))

@@ -137,7 +137,9 @@ class LRWeightMixin:
         so s = 1)."""
         if self._scale_parameter_name() is None:
             return None
-        return self.quant_weight().scale / self.lr_unit
+        # The quantizer's scaling module returns the threshold unit * alpha * factor
+        # (== quant_weight().scale * factor / unit) without quantizing the whole weight.
+        return self.weight_quant.tensor_quant.scaling_impl(self.weight) / self.lr_parameter_factor
 
     def _param_versions(self) -> Tuple[int, ...]:
         name = self._scale_parameter_name()

@@ -348,3 +348,16 @@ def test_moments_travel_lr_bn_sign_lr():
     assert has_moments(seen["x"])
     y.sum().backward()
     assert model[0].weight_logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("quant", QUANTS, ids=QUANT_IDS)
+def test_lr_scale_equals_the_quantizer_scale(quant):
+    """lr_scale reads the scaling module directly; it must equal quant_weight().scale / unit."""
+    layer = LRQuantConv2d.from_float(nn.Conv2d(3, 5, 3), weight_quant=quant)
+    scale = layer.lr_scale()
+    expected = layer.quant_weight().scale / layer.lr_unit
+    if scale is None:
+        torch.testing.assert_close(expected, torch.ones_like(expected))
+    else:
+        torch.testing.assert_close(scale, expected)
+        assert scale.requires_grad
