@@ -337,6 +337,9 @@ def attach_threshold(proxy: nn.Module, threshold_channels: Optional[int] = None,
     shift = ThresholdShift(threshold_channels, threshold_channel_dim, threshold_init,
                            threshold_learnable)
     fused.activation_impl = shift
+    # Brevitas rebuilds the fused proxy from its injector (e.g. when a state dict loads):
+    # record the instance there so the rebuild keeps this very module and its parameters.
+    proxy.quant_injector = proxy.quant_injector.let(act_impl=shift)
     return shift
 
 

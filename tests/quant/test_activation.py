@@ -290,3 +290,25 @@ def test_layerwise_quantize_with_a_stochastic_sign_input_quant():
     # outside that context a strict load still reports missing keys
     with pytest.raises(RuntimeError, match="Missing key"):
         converted[2].load_state_dict({"weight": torch.randn(2, 3), "bias": torch.zeros(2)})
+
+
+def test_attached_threshold_survives_a_state_dict_load():
+    """Brevitas rebuilds an act proxy from its injector when a state dict loads: the
+    threshold attached to a layer's input_quant must stay the same module and parameter
+    (an optimizer holding it keeps working) and receive the loaded values."""
+    from lr_quant.nn import LRQuantLinear
+    from lr_quant.quant.activation import StochasticSignActPerTensorConst, attach_threshold
+
+    def build():
+        layer = LRQuantLinear(4, 3, input_quant=StochasticSignActPerTensorConst)
+        return layer, attach_threshold(layer.input_quant, 4, threshold_channel_dim=-1)
+
+    source, source_shift = build()
+    with torch.no_grad():
+        source_shift.threshold.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
+    target, target_shift = build()
+    param = target_shift.threshold
+    target.load_state_dict(source.state_dict(), strict=True)
+    shift = target.input_quant.fused_activation_quant_proxy.activation_impl
+    assert shift is target_shift and shift.threshold is param
+    torch.testing.assert_close(param, source_shift.threshold)
