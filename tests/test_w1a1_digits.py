@@ -19,13 +19,41 @@ from torch import nn
 
 from lr_quant import freeze
 from lr_quant.data import digits_split
-from lr_quant.demo import accuracy, fit
 from lr_quant.export import export_qonnx, verify_qonnx
 from lr_quant.moments import has_moments
 from lr_quant.nn import LRQuantLinear
 from lr_quant.nn.stochastic_sign import StochasticSign
 
 pytestmark = pytest.mark.slow
+
+
+def fit(model, x, y, epochs, lr, batch_size, seed=0):
+    """Adam on cross-entropy with a cosine schedule, seeded minibatches."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs))
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            if len(idx) < 2:
+                continue
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    return model
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    was_training = model.training
+    model.eval()
+    acc = (model(x).argmax(1) == y).float().mean().item()
+    model.train(was_training)
+    return acc
 
 
 def reestimate_batchnorm(model, x, batch=256):

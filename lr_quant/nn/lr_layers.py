@@ -299,10 +299,6 @@ class LRWeightMixin:
         return layer
 
 
-def _lr_init(layer, p_min, p_max, eps, output_moments):
-    LRWeightMixin._init_lr(layer, p_min, p_max, eps, output_moments)
-
-
 def _no_meta(device):
     """Brevitas' ParameterScaling cannot be built on the meta device (it calls .item()),
     so graph utilities that build on meta and load with assign=True get a CPU build; the
@@ -335,7 +331,7 @@ class LRQuantLinear(LRWeightMixin, QuantLinear):
             bias_quant=bias_quant, input_quant=input_quant, output_quant=output_quant,
             return_quant_tensor=return_quant_tensor, device=_no_meta(device), dtype=dtype,
             **kwargs)
-        _lr_init(self, lr_p_min, lr_p_max, lr_eps, lr_output_moments)
+        self._init_lr(lr_p_min, lr_p_max, lr_eps, lr_output_moments)
 
     @staticmethod
     def _float_class():
@@ -419,7 +415,7 @@ def _make_conv(name: str, brevitas_cls, float_cls):
             weight_quant=weight_quant, bias_quant=bias_quant, input_quant=input_quant,
             output_quant=output_quant, return_quant_tensor=return_quant_tensor,
             device=_no_meta(device), dtype=dtype, **kwargs)
-        _lr_init(self, lr_p_min, lr_p_max, lr_eps, lr_output_moments)
+        self._init_lr(lr_p_min, lr_p_max, lr_eps, lr_output_moments)
 
     doc = f"{brevitas_cls.__name__[5:]} layer with LR-trained discrete weights (see module docstring)."
     return type(name, (_LRQuantConvNd, brevitas_cls), {

@@ -350,20 +350,19 @@ def sign_quant_modules(model: nn.Module) -> Iterator[StochasticBinaryQuant]:
 
 def set_sign_temperature(model: nn.Module, tau: float) -> int:
     """Set tau on every stochastic sign of model; returns how many were set."""
-    n = 0
-    for m in sign_quant_modules(model):
-        m.set_temperature(tau)
-        n += 1
-    return n
+    return _set_on_signs(model, StochasticBinaryQuant.set_temperature, tau)
 
 
 def set_sign_noise_std(model: nn.Module, sigma: float) -> int:
     """Set sigma_a on every stochastic sign of model; returns how many were set."""
-    n = 0
-    for m in sign_quant_modules(model):
-        m.set_noise_std(sigma)
-        n += 1
-    return n
+    return _set_on_signs(model, StochasticBinaryQuant.set_noise_std, sigma)
+
+
+def _set_on_signs(model: nn.Module, setter, value: float) -> int:
+    signs = list(sign_quant_modules(model))
+    for m in signs:
+        setter(m, value)
+    return len(signs)
 
 
 @dataclass(frozen=True)
