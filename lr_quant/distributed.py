@@ -57,7 +57,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group; all ranks meet first, since gloo can abort a rank that
+    tears down while another still uses the group or its store (seen as SIGABRT)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
