@@ -3,8 +3,8 @@
 from . import distributions, functional
 from .distributions import get_distribution
 from .freeze import freeze, is_frozen, unfreeze
-from .nn import (LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear, lr_layers,
-                 lr_regularization)
+from .nn import (LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear, StochasticSign,
+                 StochasticTernarySign, lr_layers, lr_regularization)
 from .quant import (LRBinaryWeightPerChannelFloat, LRBinaryWeightPerTensorConst,
                     LRTernaryWeightPerChannelFloat, LRTernaryWeightPerTensorConst, lr_weight_quant)
 
@@ -23,6 +23,8 @@ __all__ = [
     "LRQuantConv3d",
     "lr_layers",
     "lr_regularization",
+    "StochasticSign",
+    "StochasticTernarySign",
     "LRBinaryWeightPerTensorConst",
     "LRBinaryWeightPerChannelFloat",
     "LRTernaryWeightPerTensorConst",

@@ -26,11 +26,13 @@ What happens, top to bottom:
    lambdas ``lambda module, name: ...``), one call per (source class, target class).
    Float weights load as the LR initialization (Shayer et al.); ``init.from_pretrained:
    false`` re-draws the logits from scratch.
-4. **Activations.** Sign quantizers become the ``input_quant`` of converted layers with a
-   learned per-channel threshold (:func:`lr_quant.quant.activation.attach_threshold`).
-   A monotone activation module whose every output feeds *only* sign inputs is replaced
-   by ``nn.Identity``: sign(ReLU(a) - t) = sign(a - t) for t > 0 (and for t <= 0 the sign
-   of a ReLU output is constant, so nothing is lost). With ``activations.moments`` the LR
+4. **Activations.** Sign (and ternary) quantizers become the ``input_quant`` of converted
+   layers with learned per-channel thresholds (:func:`lr_quant.quant.threshold.attach_threshold`:
+   ``ThresholdShift`` / ``TernaryThreshold``). A monotone activation module whose every
+   output feeds *only* such inputs is replaced by ``nn.Identity``: sign(ReLU(a) - t) =
+   sign(a - t) for t > 0 (and for t <= 0 the sign of a ReLU output is constant, so nothing
+   is lost); a ternary quantizer is a pair of such thresholds (exact where both are > 0,
+   learned otherwise). With ``activations.moments`` the LR
    layers emit their Gaussian moments (``lr_output_moments``): on LR -> BN -> (ReLU
    dropped) -> sign, as inside timm ResNet blocks, the sign runs in moment mode,
    P(+1) = Phi((m' - t) / sqrt(v')). Elsewhere (a ReLU also feeding a residual add, a
@@ -59,7 +61,7 @@ from torch.utils._pytree import tree_flatten
 
 from .moments import split_moments
 from .nn.lr_layers import LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear, LRWeightMixin
-from .quant.activation import ThresholdShift, attach_threshold
+from .quant.threshold import ThresholdShift, attach_threshold
 from .recipe import REGEX_PREFIX, LayerOverride, Recipe, RecipeError, load_recipe
 from .registry import ActQuantizer, WeightQuantizer
 
@@ -590,11 +592,11 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
         p.module = new
         if p.act is not None:
             _set_input_quant(new, p.act.injector)
-        if p.act is not None and p.act.is_sign and p.act.threshold:
+        if p.act is not None and p.act.is_sign and p.act.threshold is not None:
             is_linear = isinstance(new, nn.Linear)
             channels = new.in_features if is_linear else new.in_channels
             attach_threshold(new.input_quant, channels, -1 if is_linear else 1,
-                             acts.threshold_init)
+                             acts.threshold_init, threshold_class=p.act.threshold)
         if isinstance(new, LRWeightMixin) and not recipe.init.from_pretrained:
             _init_from_scratch(new, recipe, p.name)
 
@@ -607,7 +609,8 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
             "moment-preserving ops (BatchNorm, residual add, avg pool) uses moment mode")
     if sign_layers:
         report.notes.append(
-            "thresholds initialize from the first training batch (per-channel median); "
+            "thresholds initialize from the first training batch (per-channel median; "
+            "ternary: the 1/3 and 2/3 quantiles); "
             "call calibrate_thresholds(model, batch) to set them explicitly")
     return model, report
 
@@ -718,28 +721,6 @@ def _plain(x):
 
 
 @torch.no_grad()
-def _balance_degenerate(shift: ThresholdShift, x: Tensor) -> int:
-    """Channels whose threshold makes the sign constant on `x` (a ReLU output whose median
-    is 0): move t to the midpoint between the minimum and the next larger value, the split
-    closest to P(+1) = 1/2 that is not constant. Returns how many were moved."""
-    if shift.channels is None:
-        flat = x.reshape(1, -1)
-    else:
-        flat = x.movedim(shift.channel_dim, 0).reshape(shift.channels, -1)
-    t = shift.threshold.detach().reshape(-1, 1).to(flat)
-    constant = (flat >= t).all(dim=1) | (flat < t).all(dim=1)
-    moved = 0
-    for c in torch.nonzero(constant).flatten().tolist():
-        values = flat[c]
-        low = values.min()
-        above = values[values > low]
-        if above.numel():
-            shift.threshold[c] = 0.5 * (low + above.min())
-            moved += 1
-    return moved
-
-
-@torch.no_grad()
 def calibrate_thresholds(model: nn.Module, batch: Tensor, train_mode: bool = True) -> int:
     """Initialize every sign threshold (ThresholdShift) of `model` from `batch`.
 
@@ -765,7 +746,7 @@ def calibrate_thresholds(model: nn.Module, batch: Tensor, train_mode: bool = Tru
         x = _plain(x)
         module.init_from_data(x)
         if module.init_method != "zero":
-            _balance_degenerate(module, x)
+            module.balance_degenerate(x)
 
     for s in shifts:
         handles.append(s.register_forward_pre_hook(pre))

@@ -30,7 +30,7 @@ import yaml
 
 from .distributions import DEFAULT_P_MAX, DEFAULT_P_MIN, check_probability_bounds
 from .functional import DEFAULT_EPS
-from .quant.activation import THRESHOLD_INITS
+from .quant.threshold import THRESHOLD_INITS
 from .registry import (available_act_quantizers, available_weight_quantizers,
                        get_act_quantizer, get_weight_quantizer)
 from .train_config import DataConfig, TrainConfig
@@ -161,7 +161,8 @@ class WeightQuantSpec(_QuantSpec):
 
 
 class ActQuantSpec(_QuantSpec):
-    """An activation quantizer of lr_quant.registry (``stochastic_sign``, ``ste_sign``, ``int8``)."""
+    """An activation quantizer of lr_quant.registry (``stochastic_sign``,
+    ``stochastic_ternary``, ``ste_sign``, ``ste_ternary``, ``int8``)."""
     kind = "activation"
 
     @classmethod
@@ -222,10 +223,12 @@ class WeightsConfig:
 class ActivationsConfig:
     """Activation quantizers, placed as ``input_quant`` of the converted layers.
 
-    quantizer: on the input of every converted layer (W1A1: ``stochastic_sign``), except
-    the layers that read the network input, which get ``input_quantizer`` (e.g. ``int8``)
-    or stay float. A monotone activation module (ReLU, ReLU6, ...) whose output feeds only
-    sign inputs is dropped (sign(ReLU(a) - t) = sign(a - t) for t > 0) when ``drop_relu``.
+    quantizer: on the input of every converted layer (W1A1: ``stochastic_sign``; ternary
+    activations: ``stochastic_ternary``), except the layers that read the network input,
+    which get ``input_quantizer`` (e.g. ``int8``) or stay float. A monotone activation
+    module (ReLU, ReLU6, ...) whose output feeds only sign / ternary inputs is dropped
+    (sign(ReLU(a) - t) = sign(a - t) for t > 0) when ``drop_relu``. ``threshold_init``:
+    "median" (binary: the median; ternary: the 1/3 and 2/3 quantiles), "mean" or "zero".
     ``moments``: converted LR layers hand their Gaussian moments downstream
     (``lr_output_moments``) so a sign reached through BatchNorm uses moment mode.
     """

@@ -20,9 +20,14 @@ Activation quantizers (used as ``input_quant`` of converted layers):
 
     stochastic_sign(noise_std, temperature, mode, learn_noise_std, propagate_moments)
                     LR-nets' stochastic sign with a learned per-channel threshold
+    stochastic_ternary(same options)
+                    stochastic ternary {-1, 0, +1} with learned per-channel thresholds c -+ t
+                    (noise_std in units of the dead-zone width 2t)
     ste_sign        deterministic sign with the same learned threshold, straight-through
                     gradient (Brevitas SignedBinaryActPerTensorConst + ThresholdShift):
                     the baseline LR has to beat
+    ste_ternary     deterministic ternary with the same learned thresholds, straight-through
+                    rounding (Brevitas SignedTernaryActPerTensorConst + TernaryThreshold)
     int8            Brevitas Int8ActPerTensorFloat (8-bit input quantizer, FINN style)
 
 Add a quantizer with ``@register_weight_quantizer("name")`` /
@@ -39,9 +44,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from brevitas.core.function_wrapper import TensorClampSte
 from brevitas.quant import Int8ActPerTensorFloat
 from brevitas.quant.binary import SignedBinaryActPerTensorConst, SignedBinaryWeightPerTensorConst
-from brevitas.quant.ternary import SignedTernaryWeightPerTensorConst
+from brevitas.quant.ternary import SignedTernaryActPerTensorConst, SignedTernaryWeightPerTensorConst
 
-from .quant.activation import SIGN_MODES, StochasticSignActPerTensorConst
+from .quant.activation import (SIGN_MODES, StochasticSignActPerTensorConst,
+                               StochasticTernaryActPerTensorConst)
+from .quant.threshold import TernaryThreshold, ThresholdShift
 from .quant.weight import integer_grid, lr_weight_quant
 
 __all__ = [
@@ -79,8 +86,8 @@ class ActQuantizer:
     name: str
     injector: Any
     precision: int
-    is_sign: bool             # a +-1 activation: gets a learned threshold, may drop a ReLU
-    threshold: bool = True    # attach a ThresholdShift (sign quantizers)
+    is_sign: bool             # a threshold activation (+-1, ternary): may drop a ReLU
+    threshold: Optional[type] = ThresholdShift   # the learned threshold module to attach
 
 
 _WEIGHT: Dict[str, Callable[..., WeightQuantizer]] = {}
@@ -224,20 +231,35 @@ def _brevitas_ternary():
 # -- activation quantizers --------------------------------------------------------------
 
 
-@register_act_quantizer("stochastic_sign")
-def _stochastic_sign(noise_std: float = 1.0, temperature: float = 1.0, mode: str = "auto",
-                     learn_noise_std: bool = False, propagate_moments: bool = True):
-    """LR-nets' stochastic sign (lr_quant.quant.activation), learned per-channel threshold."""
+def _stochastic(name: str, base, precision: int, threshold: type, noise_std, temperature,
+                mode, learn_noise_std, propagate_moments) -> ActQuantizer:
     if mode not in SIGN_MODES:
         raise ValueError(f"mode must be one of {SIGN_MODES}, got {mode!r}")
     for key, value in (("noise_std", noise_std), ("temperature", temperature)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{key} must be a number > 0, got {value!r}")
-    injector = StochasticSignActPerTensorConst.let(
+    injector = base.let(
         sign_noise_std=float(noise_std), sign_temperature=float(temperature), sign_mode=mode,
         sign_learn_noise_std=bool(learn_noise_std),
         sign_propagate_moments=bool(propagate_moments))
-    return ActQuantizer("stochastic_sign", injector, 1, is_sign=True)
+    return ActQuantizer(name, injector, precision, is_sign=True, threshold=threshold)
+
+
+@register_act_quantizer("stochastic_sign")
+def _stochastic_sign(noise_std: float = 1.0, temperature: float = 1.0, mode: str = "auto",
+                     learn_noise_std: bool = False, propagate_moments: bool = True):
+    """LR-nets' stochastic sign (lr_quant.quant.activation), learned per-channel threshold."""
+    return _stochastic("stochastic_sign", StochasticSignActPerTensorConst, 1, ThresholdShift,
+                       noise_std, temperature, mode, learn_noise_std, propagate_moments)
+
+
+@register_act_quantizer("stochastic_ternary")
+def _stochastic_ternary(noise_std: float = 1.0, temperature: float = 1.0, mode: str = "auto",
+                        learn_noise_std: bool = False, propagate_moments: bool = True):
+    """Stochastic ternary activation, learned per-channel thresholds c -+ t."""
+    return _stochastic("stochastic_ternary", StochasticTernaryActPerTensorConst, 2,
+                       TernaryThreshold, noise_std, temperature, mode, learn_noise_std,
+                       propagate_moments)
 
 
 @register_act_quantizer("ste_sign")
@@ -246,7 +268,14 @@ def _ste_sign():
     return ActQuantizer("ste_sign", SignedBinaryActPerTensorConst, 1, is_sign=True)
 
 
+@register_act_quantizer("ste_ternary")
+def _ste_ternary():
+    """Deterministic ternary with learned thresholds c -+ t, straight-through rounding."""
+    return ActQuantizer("ste_ternary", SignedTernaryActPerTensorConst, 2, is_sign=True,
+                        threshold=TernaryThreshold)
+
+
 @register_act_quantizer("int8")
 def _int8():
     """Brevitas Int8ActPerTensorFloat: 8-bit signed input quantizer with a learned scale."""
-    return ActQuantizer("int8", Int8ActPerTensorFloat, 8, is_sign=False, threshold=False)
+    return ActQuantizer("int8", Int8ActPerTensorFloat, 8, is_sign=False, threshold=None)

@@ -115,7 +115,15 @@ def _weight_bits(module: nn.Module) -> Optional[int]:
     return None
 
 
-def _input_bits(x) -> int:
+def _input_bits(module: nn.Module, x) -> int:
+    """Bits of what the layer computes with: its own enabled ``input_quant`` (a converted
+    layer's sign / ternary / int8 input quantizer), else what it receives."""
+    proxy = getattr(module, "input_quant", None)
+    if proxy is not None and getattr(proxy, "is_quant_enabled", False):
+        try:
+            return int(round(float(proxy.bit_width())))
+        except Exception:
+            pass
     bit_width = getattr(x, "bit_width", None)
     if bit_width is not None:
         return int(round(float(bit_width)))
@@ -180,7 +188,7 @@ def model_summary(model: nn.Module, example_input: Tensor) -> Summary:
         def fn(module, inputs, output):
             out = getattr(output, "value", output)
             if name not in records and isinstance(out, Tensor):
-                records[name] = {"input_bits": _input_bits(inputs[0]) if inputs else None,
+                records[name] = {"input_bits": _input_bits(module, inputs[0]) if inputs else None,
                                  "macs": _macs(module, out)}
         return fn
 

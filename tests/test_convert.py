@@ -365,6 +365,31 @@ def test_brevitas_ste_baseline_and_ste_sign():
         assert torch.equal(model(x), model(x))
 
 
+def test_ste_ternary_baseline_gets_ternary_thresholds():
+    from lr_quant.quant.threshold import TernaryThreshold
+
+    torch.manual_seed(0)
+    # timm zero-initializes the last BN of each block (no gradient into the block): undo it
+    model = pretend_trained(timm.create_model("test_resnet", num_classes=10))
+    model, report = convert_with_report(model, {
+        "weights": {"conv": "brevitas_ternary"}, "activations": {"quantizer": "ste_ternary"}})
+    layer = model.layer1[0].conv2
+    assert report["layer1.0.conv2"].input_bits == 2
+    threshold = layer.input_quant.fused_activation_quant_proxy.activation_impl
+    assert isinstance(threshold, TernaryThreshold)
+    x = torch.randn(4, 3, 32, 32)
+    calibrate_thresholds(model, x)
+    model.train()
+    # straight-through rounding: gradients reach both thresholds (a cross-entropy loss: the
+    # plain sum of the outputs does not depend on the inputs of a train-mode BatchNorm)
+    F.cross_entropy(model(x), torch.arange(4)).backward()
+    assert threshold.threshold.grad.abs().sum() > 0 and threshold.half_width.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        q = layer.input_quant(torch.randn(2, layer.in_channels, 8, 8))
+    assert set(getattr(q, "value", q).unique().tolist()) == {-1.0, 0.0, 1.0}
+
+
 def _sign_input_probe(model):
     """name -> whether the input of that layer's sign threshold carried moments."""
     seen = {}
@@ -443,6 +468,58 @@ def test_calibrate_thresholds_balances_relu_inputs_and_restores_bn():
     t = shift.threshold.detach().view(1, -1, 1, 1)
     frac = (xin >= t).float().mean((0, 2, 3))
     assert ((frac > 0) & (frac < 1)).float().mean() > 0.9
+
+
+def test_w1a2_resnet_ternary_activations_in_moment_mode_and_exact_export(tmp_path):
+    """resnet_w1a2: every converted layer reads its input through a TernaryThreshold +
+    stochastic ternary quantizer; conv -> BN -> ternary inside a block runs in moment mode;
+    inputs after a kept ReLU (>= half zeros) still get all three values after calibration;
+    the frozen model exports to QONNX (Sub -> Mul -> 2-bit Quant) that qonnx reproduces."""
+    from lr_quant import freeze
+    from lr_quant.export import export_qonnx, verify_qonnx
+    from lr_quant.quant.activation import StochasticTernaryQuant
+    from lr_quant.quant.threshold import TernaryThreshold
+
+    torch.manual_seed(0)
+    model = pretend_trained(timm.create_model("test_resnet", num_classes=10))
+    model, report = convert_with_report(model, "resnet_w1a2")
+    assert "layer1.0.act1" in [n for n, _ in report.dropped_activations]
+    for row in report.converted:
+        assert row.input_quant == "stochastic_ternary" and row.input_bits == 2, row
+        proxy = model.get_submodule(row.name).input_quant.fused_activation_quant_proxy
+        assert isinstance(proxy.activation_impl, TernaryThreshold)
+        assert isinstance(proxy.tensor_quant, StochasticTernaryQuant)
+    x = torch.randn(8, 3, 32, 32)
+    calibrate_thresholds(model, x)
+    seen = _sign_input_probe(model)
+    inputs = {}
+    relu_fed = model.layer2[0].conv1.input_quant.fused_activation_quant_proxy.activation_impl
+    def grab(module, args):   # returns None: a pre-hook's return value replaces the input
+        inputs.setdefault("x", args[0])
+    handle = relu_fed.register_forward_pre_hook(grab)
+    model.train()
+    loss = F.cross_entropy(model(x), torch.arange(8) % 10)
+    loss.backward()
+    assert seen["layer1.0.conv2"] is True and seen["layer1.0.conv1"] is False
+    th = model.layer1[0].conv2.input_quant.fused_activation_quant_proxy.activation_impl
+    for p in (th.threshold, th.half_width):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    handle.remove()
+    xin = inputs["x"].detach()
+    xin = xin.plain() if hasattr(xin, "plain") else xin
+    assert (xin >= 0).all()
+    model.eval()
+    with torch.no_grad():
+        q = model.layer2[0].conv1.input_quant(xin)
+    q = q.value if hasattr(q, "value") else q
+    present = torch.stack([(q == v).flatten(2).any(2).any(0) for v in (-1.0, 0.0, 1.0)])
+    assert present.all(0).float().mean() > 0.9     # all three values in (almost) every channel
+    freeze(model)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    path = export_qonnx(model, x[:2], tmp_path / "w1a2.onnx")
+    assert verify_qonnx(path, model, [x[:2], x[2:4]]) < 1e-4
 
 
 @pytest.mark.parametrize("arch,size", [("mobilenetv3_small_050", 32), ("test_vit", 160),

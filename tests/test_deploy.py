@@ -48,3 +48,30 @@ def test_pack_refuses_unfrozen_lr_layers():
     model = nn.Sequential(LRQuantConv2d(3, 4, 3))
     with pytest.raises(ValueError, match=r"LR layers \['0'\] are not frozen"):
         pack(model)
+
+
+@pytest.mark.parametrize("recipe,act_bits", [("resnet_w1a1", 1), ("resnet_w1a2", 16)])
+def test_packed_converted_resnet_with_quantized_activations(recipe, act_bits):
+    """Sign inputs run the 1-bit activation kernels; ternary inputs keep their threshold +
+    quantizer in front of the W1A16 kernel ({-1, 0, +1} x +-1 is exact in fp16)."""
+    from lr_quant.convert import calibrate_thresholds, convert_with_report
+
+    torch.manual_seed(0)
+    model, report = convert_with_report(timm.create_model("test_resnet", num_classes=10), recipe)
+    x = torch.randn(4, 3, 32, 32)
+    calibrate_thresholds(model, x)
+    model.train()
+    model(x)   # BN statistics of a training pass
+    freeze(model)
+    model.eval()
+    with torch.no_grad():
+        frozen = model(x)
+        packed_report = pack(model)
+        packed = model(x)
+    assert len(packed_report.packed) == len(report.converted)
+    assert {e.act_bits for e in packed_report.packed} == {act_bits}
+    if act_bits == 16:
+        assert all(m.input_quant is not None for m in model.modules()
+                   if isinstance(m, PackedConv2d))
+    assert torch.equal(packed.argmax(1), frozen.argmax(1))
+    torch.testing.assert_close(packed, frozen, rtol=1e-4, atol=1e-4 * frozen.abs().max().item())

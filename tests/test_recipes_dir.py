@@ -13,8 +13,8 @@ from lr_quant.recipe import Recipe, load_recipe, recipe_dirs
 
 RECIPES_DIR = Path(lr_quant.__file__).resolve().parent.parent / "recipes"
 FILES = sorted(RECIPES_DIR.glob("*.yaml"))
-REQUIRED = {"quickstart", "resnet_w1", "resnet_w2", "resnet_w1a1", "mobilenet_w1",
-            "finn_cnv_w1a1"}
+REQUIRED = {"quickstart", "resnet_w1", "resnet_w2", "resnet_w1a1", "resnet_w1a2",
+            "mobilenet_w1", "finn_cnv_w1a1"}
 
 
 def test_recipes_dir_is_found_and_complete():
@@ -55,7 +55,8 @@ def test_recipe_file_converts_a_tiny_timm_model(path):
     assert torch.isfinite(loss)
     loss.backward()
     if recipe.activations.quantizer is not None:
-        assert any(r.input_bits == 1 for r in report.converted)
+        bits = recipe.activations.quantizer.resolve().precision
+        assert any(r.input_bits == bits for r in report.converted)
     if path.stem == "mobilenet_w1":
         depthwise = [r for r in report.converted if r.kind == "depthwise"]
         assert depthwise and all(r.weight_bits == 2 for r in depthwise)

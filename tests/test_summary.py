@@ -58,3 +58,20 @@ def test_table_lists_every_row_and_the_totals():
     assert any(line.startswith("3 ") and "LRQuantConv2d" in line for line in lines)
     assert "compression x" in text and "XNOR (W1A1) MACs 13.7%" in text
     assert model.training   # the mode is restored
+
+
+@pytest.mark.parametrize("recipe,bits", [("resnet_w1a1", 1), ("resnet_w1a2", 2)])
+def test_converted_layers_report_their_own_input_quantizer(recipe, bits):
+    """A converted layer quantizes its input itself (input_quant): its input bits are the
+    quantizer's (1 for the sign, 2 for ternary), not those of the float tensor it receives."""
+    import timm
+
+    from lr_quant.convert import convert_with_report
+
+    model, report = convert_with_report(timm.create_model("test_resnet", num_classes=10), recipe)
+    s = model_summary(model, torch.randn(1, 3, 32, 32))
+    rows = {r.name: r for r in s.rows}
+    assert all(rows[c.name].input_bits == bits for c in report.converted)
+    first = model.pretrained_cfg["first_conv"]
+    assert rows[first].input_bits == 32
+    assert (s.totals["xnor_mac_share"] > 0.5) == (bits == 1)

@@ -12,7 +12,9 @@ elsewhere), so a packed model runs on any device.
 Input precision (``act_bits``), decided once by :func:`input_mode` when packing:
   1   the layer's ``input_quant`` maps x to ``+1 if x >= 0 else -1`` exactly (bipolar sign,
       scale 1; checked on a probe batch): the packed layer applies that sign itself and
-      runs W1A1 (binary weights) or exact ±1 x ternary;
+      runs W1A1 (binary weights) or exact ±1 x ternary. A 1-bit ``input_quant`` whose
+      outputs are +-1 but not ``sign(x)`` (a learned threshold before the sign) is kept and
+      applied first, and the layer still runs the 1-bit kernels on its +-1 output;
   16  anything else: an enabled ``input_quant`` is kept as a submodule and applied first,
       then W1A16 / W2A16 on the float result.
 Layers with an enabled ``output_quant`` or ``bias_quant``, ``groups != 1``, non-zero
@@ -53,7 +55,9 @@ def input_mode(module: nn.Module, probe: torch.Tensor) -> tuple[int, nn.Module |
     """``(act_bits, input_quant to keep)`` for ``module`` given an input-shaped ``probe``.
 
     ``(1, None)`` when ``module.input_quant(probe)`` equals ``where(probe >= 0, 1, -1)``;
-    ``(16, input_quant)`` for any other enabled input quantizer; ``(16, None)`` without one.
+    ``(1, input_quant)`` when it is a 1-bit quantizer (``bit_width() == 1``) whose outputs
+    are all +-1 (e.g. ``sign(x - t)``); ``(16, input_quant)`` for any other enabled input
+    quantizer; ``(16, None)`` without one.
     """
     iq = getattr(module, "input_quant", None)
     if not isinstance(iq, nn.Module) or not _quant_enabled(iq):
@@ -68,6 +72,10 @@ def input_mode(module: nn.Module, probe: torch.Tensor) -> tuple[int, nn.Module |
     sign = torch.where(probe >= 0, 1.0, -1.0).to(out.dtype)
     if out.shape == probe.shape and torch.equal(out, sign):
         return 1, None
+    bit_width = getattr(iq, "bit_width", None)
+    one_bit = callable(bit_width) and float(bit_width()) == 1.0
+    if one_bit and out.shape == probe.shape and bool((out.abs() == 1).all()):
+        return 1, iq
     return 16, iq
 
 

@@ -32,7 +32,9 @@ Ternary activations with thresholds +-t (t >= 0) on {-1, 0, +1}:
 with P(0) computed from whichever pair of tails avoids cancellation.
 
 Deterministic inference sign: x >= 0 -> +1, x < 0 -> -1 (the QONNX BipolarQuant convention;
-``torch.sign(0) == 0`` is wrong here). Ternary: x >= t -> +1, x < -t -> -1, else 0.
+``torch.sign(0) == 0`` is wrong here). Ternary: x > t -> +1, x < -t -> -1, |x| <= t -> 0,
+which is ``clip(round(x / (2t)), -1, 1)`` with rounding half to even: what Brevitas' ternary
+quantizers compute and what a QONNX 2-bit narrow ``Quant`` (ROUND) of x / (2t) exports.
 
 # References
 - Shayer, Levi, Fetaya. "Learning Discrete Weights Using the Local Reparameterization
@@ -71,6 +73,8 @@ __all__ = [
     "ternary_log_probabilities",
     "ternary_probabilities",
     "ternary_moments",
+    "ternary_moments_from_log_probabilities",
+    "relaxed_ternary_sample",
     "sample_ternary",
 ]
 
@@ -238,18 +242,21 @@ def sample_noise_sign(x: Tensor, sigma: ThresholdLike, threshold: ThresholdLike 
 
 
 def ternary_sign(x: Tensor, threshold: ThresholdLike) -> Tensor:
-    """Deterministic ternary sign: x >= t -> +1, x < -t -> -1, otherwise 0 (t >= 0)."""
+    """Deterministic ternary sign: x > t -> +1, x < -t -> -1, |x| <= t -> 0 (t >= 0);
+    equal to ``clip(round_half_even(x / (2t)), -1, 1)`` in exact arithmetic."""
     _check_nonneg("threshold", threshold)
     ones = torch.ones_like(x)
     minus_or_zero = torch.where(x < -threshold, -ones, torch.zeros_like(x))
-    return torch.where(x >= threshold, ones, minus_or_zero)
+    return torch.where(x > threshold, ones, minus_or_zero)
 
 
 def ternary_log_probabilities(mean: Tensor, var: Tensor, threshold: ThresholdLike,
-                              eps: float = DEFAULT_EPS) -> Tensor:
-    """log P over (-1, 0, +1), stacked on a new last axis, for a ~ N(m, v), thresholds +-t."""
-    _check_nonneg("threshold", threshold)
-    _check_nonneg("var", var)
+                              eps: float = DEFAULT_EPS, *, validate: bool = True) -> Tensor:
+    """log P over (-1, 0, +1), stacked on a new last axis, for a ~ N(m, v), thresholds +-t.
+    ``validate=False`` skips the (device-syncing) t >= 0, v >= 0 checks."""
+    if validate:
+        _check_nonneg("threshold", threshold)
+        _check_nonneg("var", var)
     s = torch.rsqrt(var + eps)
     z_hi = (mean - threshold) * s   # P(+1) = Phi(z_hi)
     z_lo = (mean + threshold) * s   # P(-1) = Phi(-z_lo); z_lo >= z_hi
@@ -273,7 +280,14 @@ def ternary_probabilities(mean: Tensor, var: Tensor, threshold: ThresholdLike,
 def ternary_moments(mean: Tensor, var: Tensor, threshold: ThresholdLike,
                     eps: float = DEFAULT_EPS) -> Tuple[Tensor, Tensor]:
     """E[s] = P(+1) - P(-1); Var[s] = sum_k P_k (s_k - E[s])^2 (a sum of non-negative terms)."""
-    p_minus, p_zero, p_plus = ternary_probabilities(mean, var, threshold, eps)
+    return ternary_moments_from_log_probabilities(
+        ternary_log_probabilities(mean, var, threshold, eps))
+
+
+def ternary_moments_from_log_probabilities(log_probs: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and variance of s in {-1, 0, +1} with log P stacked on the last axis."""
+    p = log_probs.exp()
+    p_minus, p_zero, p_plus = p[..., 0], p[..., 1], p[..., 2]
     mu = p_plus - p_minus
     out_var = p_plus * (1.0 - mu) ** 2 + p_zero * mu ** 2 + p_minus * (1.0 + mu) ** 2
     return mu, out_var
@@ -287,7 +301,18 @@ def sample_ternary(mean: Tensor, var: Tensor, threshold: ThresholdLike, tau: Thr
     forward: argmax_k (log P_k + G_k) mapped to (-1, 0, +1); backward through
     sum_k softmax((log P + G) / tau)_k * value_k."""
     _check_tau(tau)
-    logp = ternary_log_probabilities(mean, var, threshold, eps)
+    return relaxed_ternary_sample(ternary_log_probabilities(mean, var, threshold, eps), tau,
+                                  generator, validate=False)
+
+
+def relaxed_ternary_sample(log_probs: Tensor, tau: ThresholdLike = 1.0,
+                           generator: Optional[torch.Generator] = None, *,
+                           validate: bool = True) -> Tensor:
+    """Hard sample in {-1, 0, +1} from log P stacked on the last axis (Gumbel-max), with
+    the straight-through Gumbel-softmax gradient at temperature tau (Jang et al. 2017)."""
+    if validate:
+        _check_tau(tau)
+    logp = log_probs
     u = _uniform_open(logp.shape, logp, generator)
     gumbel = -torch.log(-torch.log(u))
     y = logp + gumbel

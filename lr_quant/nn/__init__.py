@@ -2,6 +2,7 @@
 
 from .lr_layers import (LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear,
                         LRWeightMixin, lr_layers, lr_regularization)
+from .stochastic_sign import StochasticSign, StochasticTernarySign
 
 __all__ = [
     "LRWeightMixin",
@@ -11,4 +12,6 @@ __all__ = [
     "LRQuantConv3d",
     "lr_layers",
     "lr_regularization",
+    "StochasticSign",
+    "StochasticTernarySign",
 ]

@@ -1,12 +1,15 @@
-"""``StochasticSign``: a QuantIdentity-style Brevitas layer for binary (+-1) activations.
+"""QuantIdentity-style Brevitas layers for binary (+-1) and ternary ({-1, 0, +1}) activations.
 
-    y = sign(x - t)          t: learnable per-channel threshold (ReActNet RSign shift)
+    StochasticSign:         y = sign(x - t)                        (x - t >= 0 -> +1)
+    StochasticTernarySign:  y = +1 if x > c + t, -1 if x < c - t, else 0
 
-In ``train()`` the sign is stochastic (``lr_quant.quant.activation.StochasticBinaryQuant``:
-moment mode for a ``MomentTensor`` input, noise mode x + N(0, sigma_a^2) otherwise); in
-``eval()`` it is deterministic, x - t >= 0 -> +1, and the QONNX export is
-``Sub(x, t) -> BipolarQuant(scale=1)``. It is a Brevitas ``QuantNonLinearActLayer`` with
-the stock act proxy, so Brevitas' graph utilities and export handle it like QuantIdentity.
+t (and c) are learnable per-channel thresholds initialized from data
+(``lr_quant.quant.threshold``). In ``train()`` the activation is stochastic
+(``lr_quant.quant.activation``: moment mode for a ``MomentTensor`` input, noise mode
+x + N(0, sigma_a^2) otherwise); in ``eval()`` it is deterministic. QONNX export:
+``Sub(x, t) -> BipolarQuant(scale 1)`` and ``Sub(x, c) -> Mul(0.5 / t) -> Quant(scale 1,
+2 bit, narrow, signed)``. Both are Brevitas ``QuantNonLinearActLayer`` s with the stock act
+proxy, so Brevitas' graph utilities and export handle them like QuantIdentity.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from typing import Optional
 from brevitas.nn.quant_layer import QuantNonLinearActLayer
 
 from lr_quant.quant.activation import (
-    StochasticBinaryQuant,
+    StochasticActQuant,
     StochasticSignActPerTensorConst,
     StochasticSignThresholdActPerChannelConst,
-    ThresholdShift,
+    StochasticTernaryActPerTensorConst,
+    StochasticTernaryThresholdActPerChannelConst,
 )
+from lr_quant.quant.threshold import TernaryThreshold, ThresholdShift, record_act_impl
 
-__all__ = ["StochasticSign"]
+__all__ = ["StochasticSign", "StochasticTernarySign"]
 
 
 class StochasticSign(QuantNonLinearActLayer):
@@ -37,10 +42,13 @@ class StochasticSign(QuantNonLinearActLayer):
         noise_std: sigma_a of the noise mode; temperature: tau of the relaxation.
         learn_noise_std: make sigma_a trainable.
         mode: "auto" (moments if the input has them, noise otherwise), "noise", "moment".
-        propagate_moments: training output is a MomentTensor (mean 2P-1, var 4P(1-P)).
+        propagate_moments: training output is a MomentTensor (mean and variance of y).
         act_quant: the injector (default: the threshold variant or the plain one).
         **kwargs: further injector overrides, as for Brevitas layers.
     """
+    QUANT_WITH_THRESHOLD = StochasticSignThresholdActPerChannelConst
+    QUANT_WITHOUT_THRESHOLD = StochasticSignActPerTensorConst
+    THRESHOLD_CLASS = ThresholdShift
 
     def __init__(
             self,
@@ -57,11 +65,10 @@ class StochasticSign(QuantNonLinearActLayer):
             return_quant_tensor: bool = False,
             **kwargs):
         if act_quant is None:
-            act_quant = (StochasticSignThresholdActPerChannelConst
-                         if threshold else StochasticSignActPerTensorConst)
+            act_quant = self.QUANT_WITH_THRESHOLD if threshold else self.QUANT_WITHOUT_THRESHOLD
         QuantNonLinearActLayer.__init__(
             self,
-            act_impl=ThresholdShift if threshold else None,
+            act_impl=self.THRESHOLD_CLASS if threshold else None,
             passthrough_act=True,
             input_quant=None,
             act_quant=act_quant,
@@ -75,9 +82,12 @@ class StochasticSign(QuantNonLinearActLayer):
             sign_mode=mode,
             sign_propagate_moments=propagate_moments,
             **kwargs)
+        if threshold:
+            # a state-dict load rebuilds the proxy from its injector: keep this threshold
+            record_act_impl(self.act_quant)
 
     @property
-    def sign_quant(self) -> StochasticBinaryQuant:
+    def sign_quant(self) -> StochasticActQuant:
         return self.act_quant.fused_activation_quant_proxy.tensor_quant
 
     @property
@@ -90,3 +100,16 @@ class StochasticSign(QuantNonLinearActLayer):
 
     def set_noise_std(self, sigma: float) -> None:
         self.sign_quant.set_noise_std(sigma)
+
+
+class StochasticTernarySign(StochasticSign):
+    """Ternary activation {-1, 0, +1} with learned per-channel thresholds c -+ t (a
+    ``TernaryThreshold``: ``threshold_module.threshold`` is c, ``.half_width`` is t),
+    stochastic in training. ``threshold=False`` gives fixed thresholds +-1/2
+    (``clip(round(x), -1, 1)``). The noise mode's sigma_a is in units of 2t. Other
+    arguments as :class:`StochasticSign`; threshold inits: "median" (1/3 and 2/3
+    quantiles), "mean" (mean -+ 0.43 std), "zero" (+-1/2).
+    """
+    QUANT_WITH_THRESHOLD = StochasticTernaryThresholdActPerChannelConst
+    QUANT_WITHOUT_THRESHOLD = StochasticTernaryActPerTensorConst
+    THRESHOLD_CLASS = TernaryThreshold

@@ -1,29 +1,34 @@
-"""Brevitas activation quantizers for the stochastic sign (binary activations of LR-nets).
+"""Brevitas activation quantizers for stochastic binary and ternary activations (LR-nets).
 
-Two pieces plug into Brevitas' *stock* ``ActQuantProxyFromInjector`` (export handlers are
-looked up by exact proxy class, so the proxy is never subclassed):
+They plug into Brevitas' *stock* ``ActQuantProxyFromInjector`` (export handlers are looked
+up by exact proxy class, so the proxy is never subclassed), as ``tensor_quant``:
 
-- ``tensor_quant = StochasticBinaryQuant``: returns ``(y, scale, zero_point, bit_width)``
-  like Brevitas' ``BinaryQuant``. In ``train()`` y is a stochastic +-1 sample
-  (``lr_quant.functional.sign``), in ``eval()`` it is ``binary_sign_ste(x) * scale``
-  (x >= 0 -> +1), with scale 1. Brevitas' QONNX handler reads scale 1 and bit width 1 and
+- ``StochasticBinaryQuant`` (drop-in for Brevitas' ``BinaryQuant``): in ``train()`` a
+  stochastic +-1 sample, in ``eval()`` ``x >= 0 -> +1``, scale 1. Brevitas' QONNX handler
   emits ``BipolarQuant(x, 1.0)``.
-- ``act_impl = ThresholdShift``: the learnable per-channel threshold t (ReActNet RSign
-  shift) applied as ``x - t`` *before* the quantizer. The stock proxy runs ``act_impl``
-  both in training and in export, so the export graph is ``Sub(x, t) -> BipolarQuant``.
-  t is initialized from data (per-channel median of the first training batch).
+- ``StochasticTernaryQuant`` (drop-in for the 2-bit narrow ``IntQuant`` of Brevitas'
+  ``SignedTernaryActPerTensorConst``): in ``train()`` a stochastic sample in {-1, 0, +1}
+  with thresholds +-1/2, in ``eval()`` ``clip(round(x), -1, 1)`` (half to even), scale 1.
+  Exported as ``Quant(x, 1.0, 0, 2, signed=1, narrow=1, ROUND)``.
 
-Training modes of ``StochasticBinaryQuant`` (``sign_mode``):
+The learned thresholds are the proxy's ``act_impl``, run before the quantizer in training
+and in export (``lr_quant.quant.threshold``): ``ThresholdShift`` (x - t) for the sign,
+``TernaryThreshold`` ((x - c) / (2t): thresholds c -+ t) for the ternary quantizer.
 
-- ``"moment"`` (input is a ``MomentTensor`` with moments (m, v)):
-  P(+1) = Phi((m - t) / sqrt(v + eps)).
-- ``"noise"`` (plain input x): x is read as x + N(0, sigma_a^2): P(+1) = Phi((x - t) / sigma_a).
+Training modes (``sign_mode``), for the quantizer's input x (after the threshold module):
+
+- ``"moment"`` (x is a ``MomentTensor`` with moments (m, v)): the exact probabilities of a
+  Gaussian, binary P(+1) = Phi(m / sqrt(v + eps)); ternary P(+1) = Phi((m - 1/2)/s),
+  P(-1) = Phi(-(m + 1/2)/s), s = sqrt(v + eps).
+- ``"noise"`` (plain x): x is read as x + N(0, sigma_a^2). For the ternary quantizer x is
+  already divided by the dead-zone width 2t, so sigma_a is in units of 2t.
 - ``"auto"`` (default): moment mode when the input carries moments, noise mode otherwise.
 
-The hard +-1 sample is exact; its gradient is the straight-through binary-concrete
-relaxation with temperature tau. With ``sign_propagate_moments=True`` the output is a
-``MomentTensor`` (sample +-1, mean 2P-1, var 4P(1-P)) so a following LR layer can use the
-moments; Brevitas layers that do not know moments just use the +-1 sample.
+The hard sample is exact; its gradient is the straight-through relaxation with temperature
+tau (binary concrete for +-1, Gumbel-softmax for ternary). With
+``sign_propagate_moments=True`` the output is a ``MomentTensor`` (sample, mean, variance of
+the discrete output) so a following LR layer can use the moments; Brevitas layers that do
+not know moments just use the sample.
 
 sigma_a and tau are buffers (sigma_a a parameter when ``sign_learn_noise_std=True``) with
 setters; ``ParamSchedule`` gives linear / cosine / exponential schedules for a recipe.
@@ -33,7 +38,8 @@ setters; ``ParamSchedule`` gives linear / cosine / exponential schedules for a r
   Distributions". ECML-PKDD 2019.
 - Liu et al. "ReActNet: Towards Precise Binary Neural Network with Generalized Activation
   Functions". ECCV 2020 (RSign: learnable per-channel threshold).
-- Maddison et al. "The Concrete Distribution". ICLR 2017.
+- Maddison et al. "The Concrete Distribution". ICLR 2017; Jang et al. "Categorical
+  Reparameterization with Gumbel-Softmax". ICLR 2017.
 """
 
 from __future__ import annotations
@@ -45,27 +51,39 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from brevitas import config as brevitas_config
 from brevitas.core.bit_width import BitWidthConst
 from brevitas.core.utils import StatelessBuffer
-from brevitas.function.ops_ste import binary_sign_ste
+from brevitas.function.ops_ste import binary_sign_ste, round_ste
+from brevitas.inject import ExtendedInjector
 from brevitas.quant.binary import SignedBinaryActPerTensorConst
+from brevitas.quant.ternary import SignedTernaryActPerTensorConst
 
 from lr_quant.functional.sign import (
     DEFAULT_EPS,
     relaxed_sign_sample,
+    relaxed_ternary_sample,
     sign_log_odds,
     sign_moments,
+    ternary_log_probabilities,
+    ternary_moments_from_log_probabilities,
 )
 from lr_quant.moments import MomentTensor, split_moments
+
+from .threshold import (THRESHOLD_INITS, TernaryThreshold, ThresholdShift, _TolerateMissingKeys,
+                        attach_threshold)
 
 __all__ = [
     "SIGN_MODES",
     "THRESHOLD_INITS",
+    "StochasticActQuant",
     "StochasticBinaryQuant",
+    "StochasticTernaryQuant",
     "ThresholdShift",
+    "TernaryThreshold",
     "StochasticSignActPerTensorConst",
     "StochasticSignThresholdActPerChannelConst",
+    "StochasticTernaryActPerTensorConst",
+    "StochasticTernaryThresholdActPerChannelConst",
     "ParamSchedule",
     "attach_threshold",
     "sign_quant_modules",
@@ -74,7 +92,6 @@ __all__ = [
 ]
 
 SIGN_MODES = ("auto", "noise", "moment")
-THRESHOLD_INITS = ("median", "mean", "zero")
 
 
 def _positive_float(name: str, value) -> float:
@@ -84,36 +101,25 @@ def _positive_float(name: str, value) -> float:
     return value
 
 
-class _TolerateMissingKeys:
-    """Like Brevitas' core modules: under `brevitas.config.IGNORE_MISSING_KEYS` (set by
-    `layerwise_quantize` while it loads float state dicts into new layers) this module's
-    own parameters/buffers keep their initial values instead of failing a strict load."""
+class StochasticActQuant(_TolerateMissingKeys, nn.Module):
+    """Base of the stochastic activation quantizers: a sample in training, deterministic in
+    eval; returns ``(y, scale, zero_point, bit_width)`` like Brevitas' tensor quantizers.
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if brevitas_config.IGNORE_MISSING_KEYS:
-            for name in list(self._parameters) + list(self._buffers):
-                if prefix + name in missing_keys:
-                    missing_keys.remove(prefix + name)
-
-
-class StochasticBinaryQuant(_TolerateMissingKeys, nn.Module):
-    """Binary tensor quantizer: stochastic +-1 in training, ``x >= 0 -> +1`` in eval.
-
-    Drop-in for Brevitas' ``BinaryQuant`` (same ``(y, scale, zero_point, bit_width)``
-    output); see the module docstring for the training modes.
+    Subclasses set ``BIT_WIDTH`` (and ``SCALE_INVARIANT = True`` when the output only depends
+    on the sign of x, so x / scale is skipped) and implement ``_sample(mean, var, eps)`` (hard sample with
+    a relaxed gradient, plus the output moments or None) and ``_deterministic(x)``.
 
     Args:
         scaling_impl: Brevitas scaling module (constant 1 for FINN-compatible export).
         sign_noise_std: sigma_a of the noise mode (> 0).
-        sign_temperature: tau of the binary-concrete relaxation (> 0).
+        sign_temperature: tau of the relaxation (> 0).
         sign_learn_noise_std: make sigma_a a trainable parameter.
         sign_mode: "auto", "noise" or "moment".
-        sign_propagate_moments: return a MomentTensor (mean 2P-1, var 4P(1-P)) in training.
+        sign_propagate_moments: return a MomentTensor (output mean and variance) in training.
         sign_eps: eps of sqrt(v + eps) in moment mode.
     """
+    BIT_WIDTH = 1
+    SCALE_INVARIANT = False
 
     def __init__(
             self,
@@ -128,7 +134,7 @@ class StochasticBinaryQuant(_TolerateMissingKeys, nn.Module):
         if sign_mode not in SIGN_MODES:
             raise ValueError(f"sign_mode must be one of {SIGN_MODES}, got {sign_mode!r}")
         self.scaling_impl = scaling_impl
-        self.bit_width = BitWidthConst(1)
+        self.bit_width = BitWidthConst(self.BIT_WIDTH)
         self.zero_point = StatelessBuffer(torch.tensor(0.0))
         sigma = torch.tensor(_positive_float("noise std sigma_a", sign_noise_std))
         if sign_learn_noise_std:
@@ -155,31 +161,34 @@ class StochasticBinaryQuant(_TolerateMissingKeys, nn.Module):
         mean, var = split_moments(x)
         if self.mode == "moment" and var is None:
             raise ValueError("sign_mode='moment' needs a MomentTensor input (with moments)")
-        if var is not None and self.mode != "noise":
-            log_odds = sign_log_odds(mean, var, 0.0, self.eps)
-            moments = sign_moments(mean, var, 0.0, self.eps) if self.propagate_moments else None
-        else:
-            if isinstance(x, MomentTensor):
-                x = x.plain()
+        if var is None or self.mode == "noise":
+            mean = x.plain() if isinstance(x, MomentTensor) else x
             # a learned sigma_a is used as |sigma_a| (>= 1e-6): an optimizer step may cross 0
             sigma = self.noise_std.abs().clamp_min(1e-6)
-            var_n = (sigma * sigma).expand_as(x)
-            log_odds = sign_log_odds(x, var_n, 0.0, 0.0)
-            moments = sign_moments(x, var_n, 0.0, 0.0) if self.propagate_moments else None
-        # tau and the moments are valid by construction: skip the (device-syncing) checks
-        y = relaxed_sign_sample(log_odds, self.temperature, self.generator, validate=False)
+            var, eps = (sigma * sigma).expand_as(mean), 0.0
+        else:
+            eps = self.eps
+        y, moments = self._sample(mean, var, eps)
         if moments is not None:
             y = MomentTensor.from_moments(moments[0], moments[1], sample=y, validate=False)
         return y
 
+    def _sample(self, mean: Tensor, var: Tensor, eps: float):
+        raise NotImplementedError
+
+    def _deterministic(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, x: Tensor):
         scale = self.scaling_impl(x)
+        if not self.SCALE_INVARIANT:
+            x = x / scale
         if self.training:
             y = self._training_sample(x) * scale
         else:
             if isinstance(x, MomentTensor):
                 x = x.plain()
-            y = binary_sign_ste(x) * scale
+            y = self._deterministic(x) * scale
         return y, scale, self.zero_point(), self.bit_width()
 
     def extra_repr(self) -> str:
@@ -188,110 +197,74 @@ class StochasticBinaryQuant(_TolerateMissingKeys, nn.Module):
                 f"propagate_moments={self.propagate_moments}")
 
 
-class ThresholdShift(_TolerateMissingKeys, nn.Module):
-    """x - t with a learnable threshold t per channel (or per tensor), initialized from data.
+class StochasticBinaryQuant(StochasticActQuant):
+    """Binary quantizer: stochastic +-1 in training, ``x >= 0 -> +1`` in eval.
 
-    ``sign(x - t)`` is the thresholded sign (ReActNet's RSign); for a Gaussian input
-    N(m, v) it gives P(+1) = Phi((m - t)/sqrt(v)), and ``x - t`` keeps a MomentTensor's
-    moments. A sign after a ReLU needs t > 0 (sign(ReLU(a) - t) = sign(a - t) then).
-
-    Initialization (``threshold_init``): "median" (default; per channel, P(+1) = 1/2 on the
-    first batch), "mean" or "zero", done on the first forward in training mode or by
-    :meth:`init_from_data`; a loaded state dict keeps its (initialized) threshold.
-
-    Args:
-        threshold_channels: number of channels, or None for one per-tensor threshold.
-        threshold_channel_dim: channel axis of the input (1 for NC / NCHW).
-        threshold_init: "median", "mean" or "zero".
-        threshold_learnable: train t (default) or keep it fixed after init.
+    Training: P(+1) = Phi(m / sqrt(v)) (moments or noise mode), hard sample with the
+    straight-through binary-concrete gradient; output moments mean 2P - 1, var 4P(1-P)
+    (Roth et al. 2019). Drop-in for Brevitas' ``BinaryQuant``.
     """
+    BIT_WIDTH = 1
+    SCALE_INVARIANT = True   # sign(x / scale) = sign(x) for scale > 0
 
-    def __init__(
-            self,
-            threshold_channels: Optional[int] = None,
-            threshold_channel_dim: int = 1,
-            threshold_init: str = "median",
-            threshold_learnable: bool = True):
-        super().__init__()
-        if threshold_init not in THRESHOLD_INITS:
-            raise ValueError(
-                f"threshold_init must be one of {THRESHOLD_INITS}, got {threshold_init!r}")
-        if threshold_channels is not None and int(threshold_channels) < 1:
-            raise ValueError(f"threshold_channels must be >= 1, got {threshold_channels}")
-        self.channels = None if threshold_channels is None else int(threshold_channels)
-        self.channel_dim = int(threshold_channel_dim)
-        self.init_method = threshold_init
-        t = torch.zeros(self.channels or 1)
-        if threshold_learnable:
-            self.threshold = nn.Parameter(t)
-        else:
-            self.register_buffer("threshold", t)
-        self.register_buffer("initialized", torch.tensor(threshold_init == "zero"))
-        self._known_initialized = False   # host-side cache of `initialized` (no device sync)
+    def _sample(self, mean, var, eps):
+        log_odds = sign_log_odds(mean, var, 0.0, eps)
+        moments = sign_moments(mean, var, 0.0, eps) if self.propagate_moments else None
+        # tau and the moments are valid by construction: skip the (device-syncing) checks
+        return relaxed_sign_sample(log_odds, self.temperature, self.generator,
+                                   validate=False), moments
 
-    def _is_initialized(self) -> bool:
-        if not self._known_initialized:
-            self._known_initialized = bool(self.initialized)
-        return self._known_initialized
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._known_initialized = False
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _check_shape(self, x: Tensor) -> None:
-        if self.channels is None:
-            return
-        if x.dim() <= self.channel_dim or x.shape[self.channel_dim] != self.channels:
-            raise ValueError(
-                f"threshold has {self.channels} channels on dim {self.channel_dim}, "
-                f"input has shape {tuple(x.shape)}")
-
-    @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> None:
-        """Set t from a batch: per-channel median (or mean) of x."""
-        x, _ = split_moments(x)   # the mean of a MomentTensor, the tensor itself otherwise
-        if isinstance(x, MomentTensor):
-            x = x.plain()
-        x = x.detach()
-        if not torch.isfinite(x).all():
-            raise ValueError("threshold initialization got non-finite inputs (nan or inf)")
-        self._check_shape(x)
-        if self.init_method == "zero":
-            value = torch.zeros_like(self.threshold)
-        else:
-            if self.channels is None:
-                flat = x.reshape(1, -1)
-            else:
-                flat = x.movedim(self.channel_dim, 0).reshape(self.channels, -1)
-            value = flat.median(dim=1).values if self.init_method == "median" else flat.mean(dim=1)
-        self.threshold.copy_(value.to(self.threshold))
-        self.initialized.fill_(True)
-        self._known_initialized = True
-
-    def reset(self) -> None:
-        """Re-initialize from the next training batch."""
-        self.initialized.fill_(self.init_method == "zero")
-        self._known_initialized = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 0:   # Brevitas' zero-hw sentinel when it reads the scale
-            return x - self.threshold.mean()
-        if self.training and not self._is_initialized():
-            self.init_from_data(x)
-        self._check_shape(x)
-        t = self.threshold
-        if self.channels is not None:
-            shape = [1] * x.dim()
-            shape[self.channel_dim] = self.channels
-            t = t.view(shape)
-        return x - t
-
-    def extra_repr(self) -> str:
-        return (f"channels={self.channels}, channel_dim={self.channel_dim}, "
-                f"init={self.init_method}")
+    def _deterministic(self, x):
+        return binary_sign_ste(x)
 
 
-class StochasticSignActPerTensorConst(SignedBinaryActPerTensorConst):
+class StochasticTernaryQuant(StochasticActQuant):
+    """Ternary quantizer on {-1, 0, +1} with thresholds +-1/2: stochastic in training,
+    ``clip(round(x), -1, 1)`` (half to even: |x| <= 1/2 -> 0) in eval.
+
+    Training: P(+1) = Phi((m - 1/2)/s), P(-1) = Phi(-(m + 1/2)/s), s = sqrt(v (+ eps)),
+    hard Gumbel-max sample with the straight-through Gumbel-softmax gradient; output moments
+    E = P(+1) - P(-1), Var = sum_k P_k (s_k - E)^2 (Roth et al. 2019). Put a
+    ``TernaryThreshold`` in front (thresholds c -+ t in the input's units). Drop-in for the
+    2-bit narrow signed ``IntQuant`` of Brevitas' ternary activation quantizer (whose scale
+    is the threshold / (2^(2-1) - 1) = the threshold).
+    """
+    BIT_WIDTH = 2
+
+    def _sample(self, mean, var, eps):
+        log_probs = ternary_log_probabilities(mean, var, 0.5, eps, validate=False)
+        moments = (ternary_moments_from_log_probabilities(log_probs)
+                   if self.propagate_moments else None)
+        return relaxed_ternary_sample(log_probs, self.temperature, self.generator,
+                                      validate=False), moments
+
+    def _deterministic(self, x):
+        return torch.clamp(round_ste(x), -1.0, 1.0)
+
+
+class _StochasticOptions(ExtendedInjector):
+    """Injector defaults of the stochastic quantizers' options (override with ``.let``)."""
+    sign_noise_std = 1.0
+    sign_temperature = 1.0
+    sign_learn_noise_std = False
+    sign_mode = "auto"
+    sign_propagate_moments = True
+    sign_eps = DEFAULT_EPS
+
+
+class _ThresholdOptions(ExtendedInjector):
+    """Injector defaults of the learned threshold (``act_impl``); needs a layer that keeps
+    the injector's ``act_impl`` (``lr_quant.nn.StochasticSign`` / ``StochasticTernarySign``
+    or Brevitas' ``QuantNonLinearActLayer`` family). As a layer's ``input_quant`` Brevitas
+    drops ``act_impl``: use :func:`attach_threshold` there."""
+    passthrough_act = True
+    threshold_channels = None
+    threshold_channel_dim = 1
+    threshold_init = "median"
+    threshold_learnable = True
+
+
+class StochasticSignActPerTensorConst(_StochasticOptions, SignedBinaryActPerTensorConst):
     """Stochastic sign activation quantizer, per-tensor constant scale 1, no threshold.
 
     Use it as ``act_quant=`` of ``QuantIdentity`` or ``input_quant=`` of any Brevitas layer;
@@ -302,60 +275,44 @@ class StochasticSignActPerTensorConst(SignedBinaryActPerTensorConst):
     tensor_quant = StochasticBinaryQuant
     min_val = -1.0
     max_val = 1.0
-    sign_noise_std = 1.0
-    sign_temperature = 1.0
-    sign_learn_noise_std = False
-    sign_mode = "auto"
-    sign_propagate_moments = True
-    sign_eps = DEFAULT_EPS
 
 
-class StochasticSignThresholdActPerChannelConst(StochasticSignActPerTensorConst):
-    """Stochastic sign with a learnable per-channel threshold (``act_impl = ThresholdShift``).
-
-    Needs a layer that keeps the injector's ``act_impl`` (``lr_quant.nn.StochasticSign``,
-    or Brevitas' ``QuantNonLinearActLayer`` family); set ``threshold_channels``. As a
-    layer's ``input_quant`` Brevitas drops ``act_impl``: use :func:`attach_threshold`.
-    """
+class StochasticSignThresholdActPerChannelConst(_ThresholdOptions, StochasticSignActPerTensorConst):
+    """Stochastic sign with a learnable per-channel threshold (``act_impl = ThresholdShift``);
+    set ``threshold_channels``. Exports ``Sub -> BipolarQuant(scale 1)``."""
     act_impl = ThresholdShift
-    passthrough_act = True
-    threshold_channels = None
-    threshold_channel_dim = 1
-    threshold_init = "median"
-    threshold_learnable = True
 
 
-def attach_threshold(proxy: nn.Module, threshold_channels: Optional[int] = None,
-                     threshold_channel_dim: int = 1, threshold_init: str = "median",
-                     threshold_learnable: bool = True) -> ThresholdShift:
-    """Put a ThresholdShift before the quantizer of a stock act proxy (e.g. a layer's
-    ``input_quant``, where Brevitas forces ``act_impl=None``). Export then emits
-    ``Sub -> BipolarQuant``. Returns the new module (its parameters join the layer's)."""
-    fused = getattr(proxy, "fused_activation_quant_proxy", None)
-    if fused is None:
-        raise ValueError("attach_threshold needs an enabled Brevitas activation quant proxy")
-    shift = ThresholdShift(threshold_channels, threshold_channel_dim, threshold_init,
-                           threshold_learnable)
-    fused.activation_impl = shift
-    # Brevitas rebuilds the fused proxy from its injector (e.g. when a state dict loads):
-    # record the instance there so the rebuild keeps this very module and its parameters.
-    proxy.quant_injector = proxy.quant_injector.let(act_impl=shift)
-    return shift
+class StochasticTernaryActPerTensorConst(_StochasticOptions, SignedTernaryActPerTensorConst):
+    """Stochastic ternary activation quantizer {-1, 0, +1}, thresholds +-1/2, scale 1.
+
+    Use it as ``act_quant=`` of ``QuantIdentity`` or ``input_quant=`` of any Brevitas layer;
+    exports as ``Quant(scale 1, 2 bit, narrow, signed)``. Same options as
+    :class:`StochasticSignActPerTensorConst`.
+    """
+    tensor_quant = StochasticTernaryQuant
 
 
-def sign_quant_modules(model: nn.Module) -> Iterator[StochasticBinaryQuant]:
-    """Every StochasticBinaryQuant inside model."""
-    return (m for m in model.modules() if isinstance(m, StochasticBinaryQuant))
+class StochasticTernaryThresholdActPerChannelConst(_ThresholdOptions,
+                                                   StochasticTernaryActPerTensorConst):
+    """Stochastic ternary activation with learned per-channel thresholds c -+ t
+    (``act_impl = TernaryThreshold``); exports ``Sub -> Mul -> Quant``."""
+    act_impl = TernaryThreshold
+
+
+def sign_quant_modules(model: nn.Module) -> Iterator[StochasticActQuant]:
+    """Every stochastic (binary or ternary) activation quantizer inside model."""
+    return (m for m in model.modules() if isinstance(m, StochasticActQuant))
 
 
 def set_sign_temperature(model: nn.Module, tau: float) -> int:
-    """Set tau on every stochastic sign of model; returns how many were set."""
-    return _set_on_signs(model, StochasticBinaryQuant.set_temperature, tau)
+    """Set tau on every stochastic activation of model; returns how many were set."""
+    return _set_on_signs(model, StochasticActQuant.set_temperature, tau)
 
 
 def set_sign_noise_std(model: nn.Module, sigma: float) -> int:
-    """Set sigma_a on every stochastic sign of model; returns how many were set."""
-    return _set_on_signs(model, StochasticBinaryQuant.set_noise_std, sigma)
+    """Set sigma_a on every stochastic activation of model; returns how many were set."""
+    return _set_on_signs(model, StochasticActQuant.set_noise_std, sigma)
 
 
 def _set_on_signs(model: nn.Module, setter, value: float) -> int:

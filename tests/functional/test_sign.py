@@ -9,6 +9,7 @@ from lr_quant.functional.sign import (
     binary_sign,
     noise_sign_probability,
     relaxed_sign_sample,
+    relaxed_ternary_sample,
     sample_noise_sign,
     sample_sign,
     sample_ternary,
@@ -16,7 +17,9 @@ from lr_quant.functional.sign import (
     sign_moments,
     sign_probability,
     ste_sign,
+    ternary_log_probabilities,
     ternary_moments,
+    ternary_moments_from_log_probabilities,
     ternary_probabilities,
     ternary_sign,
 )
@@ -141,6 +144,61 @@ def test_ternary_probabilities_and_moments_match_monte_carlo(m, v, t):
     s = sample_ternary(torch.full((N_MC,), m), torch.full((N_MC,), v), t, tau=0.5, generator=g)
     for val, p in ((-1, pm), (0, p0), (1, pp)):
         assert abs((s == val).double().mean() - p) < _binomial_tol(p)
+
+
+def test_ternary_sign_is_round_half_even_of_x_over_2t():
+    """x > t -> +1, x < -t -> -1, |x| <= t -> 0: the same as clip(round(x / 2t), -1, 1) with
+    torch's (and numpy's, QONNX's) round half to even, also exactly on the thresholds."""
+    t = 0.25   # x / (2t) = 2x: exact in float, so the ties x = +-t are real ties
+    x = torch.tensor([-1.0, -0.75, -0.25 - 1e-6, -0.25, -0.1, 0.0, 0.25, 0.25 + 1e-6, 0.75, 1.0])
+    assert ternary_sign(x, t).tolist() == [-1, -1, -1, 0, 0, 0, 0, 1, 1, 1]
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(10_000, generator=g) * 0.6
+    r = torch.cat([r, torch.tensor([-0.75, -0.25, 0.25, 0.75])])   # 2x = +-0.5, +-1.5: ties
+    assert torch.equal(ternary_sign(r, t), torch.clamp(torch.round(r / (2 * t)), -1, 1))
+
+
+def test_ternary_moments_from_log_probabilities_match_the_distribution():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.0, 0.0, 1.0], [0.7, 0.1, 0.2]], dtype=torch.float64)
+    mu, var = ternary_moments_from_log_probabilities(probs.log())
+    values = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    ref_mu = (probs * values).sum(-1)
+    ref_var = (probs * (values - ref_mu[:, None]) ** 2).sum(-1)
+    torch.testing.assert_close(mu, ref_mu)
+    torch.testing.assert_close(var, ref_var)
+
+
+def test_relaxed_ternary_sample_frequencies_and_soft_gradient():
+    """Gumbel-max gives exact categorical frequencies; the straight-through gradient is the
+    Gumbel-softmax one: d/d logp_k of sum_j softmax((logp + G)/tau)_j v_j (checked against
+    autograd of that soft expression with the same Gumbel noise)."""
+    probs = torch.tensor([0.15, 0.25, 0.6], dtype=torch.float64)
+    logp = probs.log().repeat(N_MC, 1)
+    s = relaxed_ternary_sample(logp, tau=0.7, generator=torch.Generator().manual_seed(6))
+    for k, val in enumerate((-1.0, 0.0, 1.0)):
+        assert abs((s == val).double().mean() - probs[k]) < _binomial_tol(probs[k])
+    logp = torch.log(torch.tensor([[0.3, 0.3, 0.4]], requires_grad=False)).requires_grad_()
+    y = relaxed_ternary_sample(logp, tau=0.5, generator=torch.Generator().manual_seed(1))
+    (g,) = torch.autograd.grad(y.sum(), (logp,))
+    gen = torch.Generator().manual_seed(1)
+    u = torch.rand(logp.shape, generator=gen).clamp(torch.finfo(torch.float32).tiny,
+                                                    1 - torch.finfo(torch.float32).eps / 2)
+    lp = logp.detach().clone().requires_grad_()
+    soft = (torch.softmax((lp - torch.log(-torch.log(u))) / 0.5, -1)
+            * torch.tensor([-1.0, 0.0, 1.0])).sum()
+    (g_ref,) = torch.autograd.grad(soft, (lp,))
+    torch.testing.assert_close(g, g_ref)
+    with pytest.raises(ValueError, match="tau"):
+        relaxed_ternary_sample(logp.detach(), tau=0.0)
+
+
+def test_ternary_log_probabilities_validate_flag():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="var"):
+        ternary_log_probabilities(x, -torch.ones(3), 0.5)
+    # validate=False skips the (device-syncing) checks for callers whose inputs are valid
+    lp = ternary_log_probabilities(x, torch.ones(3), 0.5, validate=False)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3))
 
 
 def test_ternary_sample_gradient():

@@ -11,12 +11,15 @@ from brevitas.nn import QuantIdentity, QuantLinear
 from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
 from brevitas.quant.binary import SignedBinaryWeightPerTensorConst
 
+from lr_quant.functional.sign import ternary_sign
 from lr_quant.moments import MomentTensor, has_moments
-from lr_quant.nn.stochastic_sign import StochasticSign
+from lr_quant.nn.stochastic_sign import StochasticSign, StochasticTernarySign
 from lr_quant.quant.activation import (
     ParamSchedule,
     StochasticBinaryQuant,
     StochasticSignActPerTensorConst,
+    StochasticTernaryActPerTensorConst,
+    StochasticTernaryQuant,
     ThresholdShift,
     attach_threshold,
     set_sign_noise_std,
@@ -34,6 +37,22 @@ def _tol(p, n=N, k=5.0):
 
 def _phi(z):
     return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def _calibrated_two_layer_net(act, first_bias=False):
+    """act(16) -> binary QuantLinear -> BN -> act(12) -> binary QuantLinear, thresholds and
+    BN statistics initialized by three training passes (seeded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        act(16),
+        QuantLinear(16, 12, bias=first_bias, weight_quant=SignedBinaryWeightPerTensorConst),
+        nn.BatchNorm1d(12),
+        act(12),
+        QuantLinear(12, 5, bias=False, weight_quant=SignedBinaryWeightPerTensorConst))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(128, 16) + torch.linspace(-1, 1, 16))
+    return model
 
 
 def test_proxy_is_stock_and_export_metadata_is_bipolar_scale_one():
@@ -179,16 +198,7 @@ def _export_and_run(model, x, path):
 
 
 def test_qonnx_export_bipolar_scale_one_with_thresholds(tmp_path):
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        StochasticSign(16),
-        QuantLinear(16, 12, bias=True, weight_quant=SignedBinaryWeightPerTensorConst),
-        nn.BatchNorm1d(12),
-        StochasticSign(12),
-        QuantLinear(12, 5, bias=False, weight_quant=SignedBinaryWeightPerTensorConst))
-    model.train()
-    for _ in range(3):   # median init of both thresholds, BN statistics
-        model(torch.randn(128, 16) + torch.linspace(-1, 1, 16))
+    model = _calibrated_two_layer_net(StochasticSign, first_bias=True)
     with torch.no_grad():
         model[0].threshold_module.threshold.add_(0.05 * torch.randn(16))
     model.eval()
@@ -242,32 +252,25 @@ def test_loading_an_uninitialized_threshold_re_arms_the_data_init():
 
 
 @pytest.mark.slow
-def test_finn_frontend_absorbs_the_threshold_and_keeps_outputs(tmp_path):
+@pytest.mark.parametrize("act,matmul", [(StochasticSign, "XnorPopcountMatMul"),
+                                        (StochasticTernarySign, "MatMul")], ids=["A1", "A2"])
+def test_finn_frontend_absorbs_the_thresholds_and_keeps_outputs(tmp_path, act, matmul):
     """FINN (finn-plus, own venv): ConvertQONNXtoFINN + BNN streamlining turn each
-    Sub -> BipolarQuant into a MultiThreshold (the Sub absorbed) and keep the outputs."""
+    Sub -> BipolarQuant (sign) or Sub -> Mul -> Quant(2 bit) (ternary) into a MultiThreshold
+    (Sub and Mul absorbed) and keep the outputs; binary x binary becomes XNOR-popcount."""
+    from brevitas.export import export_qonnx
     from lr_quant.finn import check_with_finn
 
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        StochasticSign(16),
-        QuantLinear(16, 12, bias=False, weight_quant=SignedBinaryWeightPerTensorConst),
-        nn.BatchNorm1d(12),
-        StochasticSign(12),
-        QuantLinear(12, 5, bias=False, weight_quant=SignedBinaryWeightPerTensorConst))
-    model.train()
-    for _ in range(3):
-        model(torch.randn(128, 16) + torch.linspace(-1, 1, 16))
-    model.eval()
+    model = _calibrated_two_layer_net(act).eval()
     x = torch.randn(20, 16) + torch.linspace(-1, 1, 16)
     with torch.no_grad():
         ref = model(x).numpy()
-    from brevitas.export import export_qonnx
-    path = tmp_path / "sign_finn.onnx"
+    path = tmp_path / "act_finn.onnx"
     export_qonnx(model, x[:1], str(path), dynamo=False)
     result = check_with_finn(path, x.numpy(), ref, atol=1e-4)
     ops = result["stages"]["streamlined"]["op_types"]
-    assert "Sub" not in ops and "BipolarQuant" not in ops
-    assert ops.get("MultiThreshold", 0) == 2 and ops.get("XnorPopcountMatMul", 0) == 2
+    assert not {"Sub", "BipolarQuant", "Quant"} & set(ops), ops
+    assert ops.get("MultiThreshold", 0) == 2 and ops.get(matmul, 0) == 2, ops
     for stage in ("qonnx", "converted", "streamlined"):
         assert result["stages"][stage]["max_abs_err"] <= 1e-4
 
@@ -312,3 +315,170 @@ def test_attached_threshold_survives_a_state_dict_load():
     shift = target.input_quant.fused_activation_quant_proxy.activation_impl
     assert shift is target_shift and shift.threshold is param
     torch.testing.assert_close(param, source_shift.threshold)
+
+
+# -- ternary activations ---------------------------------------------------------------
+
+
+def _ternary_probs_x(m, s, c, t):
+    """(P(-1), P(0), P(+1)) of y = ternary(x) with thresholds c -+ t, x ~ N(m, s^2)."""
+    p_plus = 1 - _phi((c + t - m) / s)
+    p_minus = _phi((c - t - m) / s)
+    return p_minus, 1 - p_plus - p_minus, p_plus
+
+
+def _set_ternary(layer, centre, half):
+    with torch.no_grad():
+        layer.threshold_module.threshold.copy_(torch.tensor(centre))
+        layer.threshold_module.half_width.copy_(torch.tensor(half))
+        layer.threshold_module.initialized.fill_(True)
+
+
+def test_ternary_proxy_is_stock_and_export_metadata_is_2bit_narrow_scale_one():
+    q = QuantIdentity(act_quant=StochasticTernaryActPerTensorConst)
+    assert type(q.act_quant) is ActQuantProxyFromInjector
+    assert isinstance(q.act_quant.fused_activation_quant_proxy.tensor_quant, StochasticTernaryQuant)
+    assert float(q.act_quant.scale()) == 1.0 and float(q.act_quant.bit_width()) == 2.0
+    assert q.act_quant.is_signed and q.act_quant.is_narrow_range
+    assert q.act_quant.rounding_mode == "ROUND" and float(q.act_quant.zero_point()) == 0.0
+    # eval is Brevitas' own ternary activation quantizer (round half to even, clip to +-1)
+    from brevitas.quant.ternary import SignedTernaryActPerTensorConst
+    stock = QuantIdentity(act_quant=SignedTernaryActPerTensorConst).eval()
+    x = torch.cat([torch.randn(1000) * 2, torch.tensor([-1.5, -0.5, 0.5, 1.5, 2.5])])
+    assert torch.equal(q.eval()(x), stock(x))
+
+
+def test_ternary_noise_mode_frequencies_match_phi_in_input_units():
+    """Noise mode reads the normalized input u = (x - c)/(2t) as u + N(0, sigma_a^2): in the
+    input's units the noise std is 2 t sigma_a and the thresholds are c -+ t."""
+    layer = StochasticTernarySign(3, noise_std=0.4, propagate_moments=False)
+    centre, half = [0.0, 1.0, -0.5], [0.5, 0.25, 1.0]
+    _set_ternary(layer, centre, half)
+    xs = [0.3, 1.4, -2.0]
+    layer.train()
+    y = layer(torch.tensor(xs).repeat(N, 1))
+    assert set(y.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    for k in range(3):
+        probs = _ternary_probs_x(xs[k], 2 * half[k] * 0.4, centre[k], half[k])
+        for value, p in zip((-1.0, 0.0, 1.0), probs):
+            f = (y[:, k] == value).double().mean().item()
+            assert abs(f - p) < _tol(p), (k, value, f, p)
+
+
+def test_ternary_moment_mode_probabilities_and_propagated_moments():
+    layer = StochasticTernarySign(2, noise_std=5.0)
+    centre, half = [0.2, -1.0], [0.6, 0.3]
+    _set_ternary(layer, centre, half)
+    m, v = torch.tensor([0.5, -0.2]), torch.tensor([0.8, 2.5])
+    x = MomentTensor.from_moments(m.repeat(N, 1), v.repeat(N, 1))
+    layer.train()
+    y = layer(x)
+    assert isinstance(y, MomentTensor) and has_moments(y)
+    sample = y.plain().double()
+    for k in range(2):
+        probs = _ternary_probs_x(m[k].item(), math.sqrt(v[k].item()), centre[k], half[k])
+        for value, p in zip((-1.0, 0.0, 1.0), probs):
+            f = (sample[:, k] == value).double().mean().item()
+            assert abs(f - p) < _tol(p), (k, value, f, p)   # the moments win over sigma_a
+        mean = probs[2] - probs[0]
+        var = sum(p * (val - mean) ** 2 for p, val in zip(probs, (-1.0, 0.0, 1.0)))
+        assert y.moment_mean[0, k].item() == pytest.approx(mean, abs=1e-5)
+        assert y.moment_var[0, k].item() == pytest.approx(var, abs=1e-5)
+        assert abs(sample[:, k].mean().item() - mean) < 5 * math.sqrt(var / N)   # Monte Carlo
+
+
+def test_ternary_moment_gradients_match_finite_differences():
+    """d E[y] / d(m, v, c, t) through the propagated moments equals finite differences of
+    the closed form E[y] = Phi((m - c - t)/s) - Phi((c - t - m)/s) (float64)."""
+    layer = StochasticTernarySign(1).double()
+    _set_ternary(layer, [0.3], [0.4])
+    m = torch.tensor([[0.1]], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([[0.7]], dtype=torch.float64, requires_grad=True)
+    layer.train()
+    y = layer(MomentTensor.from_moments(m, v))
+    th = layer.threshold_module
+    grads = torch.autograd.grad(y.moment_mean.sum(), (m, v, th.threshold, th.half_width))
+
+    def expected(mv, vv, cv, tv):
+        s = math.sqrt(vv + layer.sign_quant.eps * (2 * tv) ** 2)
+        return (1 - _phi((cv + tv - mv) / s)) - _phi((cv - tv - mv) / s)
+
+    point, h = [0.1, 0.7, 0.3, 0.4], 1e-6
+    for k, g in enumerate(grads):
+        hi, lo = list(point), list(point)
+        hi[k] += h
+        lo[k] -= h
+        fd = (expected(*hi) - expected(*lo)) / (2 * h)
+        assert g.item() == pytest.approx(fd, rel=1e-5, abs=1e-8), (k, g.item(), fd)
+
+
+def test_ternary_eval_is_deterministic_and_matches_the_thresholds():
+    layer = StochasticTernarySign(2)
+    _set_ternary(layer, [0.0, 1.0], [0.25, 0.5])   # 0.5 / t = 2 and 1: exact in float
+    layer.eval()
+    x = torch.tensor([[-0.25, 0.5], [0.25, 1.5], [0.2500001, 1.5000001], [-0.2500001, 0.4999999],
+                      [0.0, 1.0]])
+    a, b = layer(x), layer(x)
+    assert torch.equal(a, b)
+    # on a threshold (|x - c| == t) the value is 0, beyond it +-1
+    assert a.tolist() == [[0, -0], [0, 0], [1, 1], [-1, -1], [0, 0]]
+    torch.testing.assert_close(a, ternary_sign(x - torch.tensor([0.0, 1.0]),
+                                               torch.tensor([0.25, 0.5])))
+
+
+def test_ternary_layer_bad_inputs_and_setters():
+    with pytest.raises(ValueError, match="sigma"):
+        StochasticTernarySign(3, noise_std=0.0)
+    with pytest.raises(ValueError, match="sign_mode"):
+        StochasticTernarySign(3, mode="soft")
+    with pytest.raises(ValueError, match="MomentTensor"):
+        StochasticTernarySign(3, mode="moment").train()(torch.randn(2, 3))
+    model = nn.Sequential(StochasticSign(4), StochasticTernarySign(4))
+    assert set_sign_temperature(model, 0.3) == 2 and set_sign_noise_std(model, 0.2) == 2
+    assert math.isclose(float(model[1].sign_quant.temperature), 0.3, rel_tol=1e-6)
+
+
+def test_ternary_qonnx_export_sub_mul_quant_and_exact_thresholds(tmp_path):
+    """Export: Sub(c) -> Mul(0.5/t) -> Quant(scale 1, 2 bit, narrow, signed, ROUND); qonnx
+    execution equals PyTorch exactly, also for inputs exactly on the thresholds."""
+    model = _calibrated_two_layer_net(StochasticTernarySign, first_bias=True)
+    with torch.no_grad():   # dyadic c, power-of-two t: x = c -+ t gives u = -+0.5 exactly
+        model[0].threshold_module.half_width.copy_(2.0 ** torch.randint(-3, 1, (16,)).float())
+        centre = model[0].threshold_module.threshold
+        centre.copy_(torch.round(centre * 8) / 8)
+    model.eval()
+    c = model[0].threshold_module.threshold.detach()
+    t = model[0].threshold_module.half_width.detach()
+    x = torch.randn(24, 16) + torch.linspace(-1, 1, 16)
+    x[0], x[1] = c + t, c - t
+    with torch.no_grad():
+        ref = model(x).numpy()
+        hidden = model[0](x)
+    assert (hidden[:2] == 0).all()
+    wrapped, out = _export_and_run(model, x, tmp_path / "ternary.onnx")
+    ops = [n.op_type for n in wrapped.graph.node]
+    assert ops.count("Sub") == 2 and "Clip" not in ops, ops   # the scale folds to a constant
+    quant = [n for n in wrapped.graph.node if n.op_type == "Quant"]
+    assert len(quant) == 2
+    for n in quant:
+        attrs = {a.name: a.i for a in n.attribute if a.type == a.INT}
+        assert attrs["narrow"] == 1 and attrs["signed"] == 1
+        assert [float(wrapped.get_initializer(n.input[k]).reshape(-1)[0]) for k in (1, 2, 3)] \
+            == [1.0, 0.0, 2.0]
+        mul = wrapped.find_producer(n.input[0])
+        assert mul.op_type == "Mul" and wrapped.find_producer(mul.input[0]).op_type == "Sub"
+    assert np.array_equal(out, ref) or np.abs(out - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_ternary_standalone_layer_keeps_its_threshold_through_a_state_dict_load():
+    """Brevitas rebuilds the act proxy from its injector on load: the layer's threshold
+    module (and its parameters, held by an optimizer) must stay the same objects."""
+    for cls in (StochasticSign, StochasticTernarySign):
+        source, target = cls(3).train(), cls(3)
+        source(torch.randn(50, 3) + 2.0)
+        module, params = target.threshold_module, list(target.parameters())
+        target.load_state_dict(source.state_dict(), strict=True)
+        assert target.threshold_module is module
+        assert all(a is b for a, b in zip(params, target.parameters()))
+        for a, b in zip(source.threshold_module.parameters(), module.parameters()):
+            torch.testing.assert_close(a, b)
