@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for the main measurements (default 1: on a shared "
                         "2-core machine, 2 threads oversubscribe; see the microbenchmark)")
+    p.add_argument("--no-flush-denormal", action="store_true",
+                   help="keep subnormal floats (default: flushed to zero, as lr_quant's "
+                        "Trainer does on CPU; see TrainConfig.flush_denormal)")
     p.add_argument("--micro-threads", default=None,
                    help="thread counts for the conv microbenchmark (default 1,2; quick: 1)")
     args = p.parse_args(argv)
@@ -60,72 +63,80 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
+    flush = not args.no_flush_denormal and torch.set_flush_denormal(True)
+    try:
+        t_start = time.perf_counter()
 
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+        def log(msg):
+            print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
-    import brevitas
-    notes = [f"main measurements with torch.set_num_threads({args.threads})"]
-    results = dict(meta=dict(
-        command="python -m benchmarks.run" + (" --quick" if args.quick else "") +
-                (f" --parts {args.parts}" if args.parts != "speed,accuracy,export" else "") +
-                (f" --threads {args.threads}" if args.threads != 1 else ""),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        platform=platform.platform(terse=True), torch=torch.__version__,
-        brevitas=brevitas.__version__, cpus=os.cpu_count(), quick=args.quick,
-        threads=args.threads, load_avg_start=list(os.getloadavg()), notes=notes,
-        config=cfg))
+        import brevitas
+        notes = [f"main measurements with torch.set_num_threads({args.threads})",
+                 "subnormal floats flushed to zero (torch.set_flush_denormal, as lr_quant's "
+                 "Trainer does on CPU)" if flush else "subnormal floats kept"]
+        results = dict(meta=dict(
+            command="python -m benchmarks.run" + (" --quick" if args.quick else "") +
+                    (f" --parts {args.parts}" if args.parts != "speed,accuracy,export" else "") +
+                    (f" --threads {args.threads}" if args.threads != 1 else "") +
+                    (" --no-flush-denormal" if args.no_flush_denormal else ""),
+            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            platform=platform.platform(terse=True), torch=torch.__version__,
+            brevitas=brevitas.__version__, cpus=os.cpu_count(), quick=args.quick,
+            threads=args.threads, load_avg_start=list(os.getloadavg()), notes=notes,
+            config=cfg))
 
-    if "speed" in parts:
-        results["speed"] = []
-        for name in cfg["speed_models"]:
-            log(f"speed: {name}")
-            results["speed"].append(speed.run_model(name, cfg["speed_rounds"], cfg["batch"],
-                                                    cfg["image_size"], methods=cfg["speed_methods"],
-                                                    profile_methods=cfg["profile_methods"],
-                                                    log=log))
-        results["conv_microbench"] = []
-        micro = args.micro_threads or cfg["micro_threads"]
-        for n in [int(t) for t in micro.split(",") if t]:
-            torch.set_num_threads(n)
-            mb = speed.conv_microbench(cfg["micro_rounds"], log=log)
-            mb["threads"] = n
-            results["conv_microbench"].append(mb)
-        torch.set_num_threads(args.threads)
-        results["targets"] = report.target_rows(results["speed"])
+        if "speed" in parts:
+            results["speed"] = []
+            for name in cfg["speed_models"]:
+                log(f"speed: {name}")
+                results["speed"].append(speed.run_model(name, cfg["speed_rounds"], cfg["batch"],
+                                                        cfg["image_size"], methods=cfg["speed_methods"],
+                                                        profile_methods=cfg["profile_methods"],
+                                                        log=log))
+            results["conv_microbench"] = []
+            micro = args.micro_threads or cfg["micro_threads"]
+            for n in [int(t) for t in micro.split(",") if t]:
+                torch.set_num_threads(n)
+                mb = speed.conv_microbench(cfg["micro_rounds"], log=log)
+                mb["threads"] = n
+                results["conv_microbench"].append(mb)
+            torch.set_num_threads(args.threads)
+            results["targets"] = report.target_rows(results["speed"])
 
-    if "accuracy" in parts:
-        results["accuracy"] = []
-        results["accuracy_protocol"] = " ".join(accuracy.__doc__.split("Protocol", 1)[1].split())
-        results["accuracy_protocol"] = "Protocol" + results["accuracy_protocol"]
-        g = cfg["gratings"]
-        width = cfg["gratings_width"]
-        accuracy.TASKS["gratings_cnn"]["model"] = partial(accuracy.cnn, width)
-        for task in cfg["tasks"]:
-            log(f"accuracy: {task}")
-            if task.startswith("digits"):
-                data_fn, budgets, fp_epochs, batch = (accuracy.digits_data, cfg["digits_budgets"],
-                                                      cfg["digits_fp_epochs"], 32)
-            else:
-                data_fn = partial(accuracy.gratings_data, n_train=g["n_train"],
-                                  n_val=g["n_val"], n_test=g["n_test"])
-                budgets, fp_epochs, batch = cfg["gratings_budgets"], cfg["gratings_fp_epochs"], 64
-            results["accuracy"].append(accuracy.run_task(
-                task, cfg["seeds"], cfg["lrs"], budgets, data_fn, fp_epochs, batch,
-                methods=cfg["acc_methods"], log=log))
+        if "accuracy" in parts:
+            results["accuracy"] = []
+            results["accuracy_protocol"] = " ".join(accuracy.__doc__.split("Protocol", 1)[1].split())
+            results["accuracy_protocol"] = "Protocol" + results["accuracy_protocol"]
+            g = cfg["gratings"]
+            width = cfg["gratings_width"]
+            accuracy.TASKS["gratings_cnn"]["model"] = partial(accuracy.cnn, width)
+            for task in cfg["tasks"]:
+                log(f"accuracy: {task}")
+                if task.startswith("digits"):
+                    data_fn, budgets, fp_epochs, batch = (accuracy.digits_data, cfg["digits_budgets"],
+                                                          cfg["digits_fp_epochs"], 32)
+                else:
+                    data_fn = partial(accuracy.gratings_data, n_train=g["n_train"],
+                                      n_val=g["n_val"], n_test=g["n_test"])
+                    budgets, fp_epochs, batch = cfg["gratings_budgets"], cfg["gratings_fp_epochs"], 64
+                results["accuracy"].append(accuracy.run_task(
+                    task, cfg["seeds"], cfg["lrs"], budgets, data_fn, fp_epochs, batch,
+                    methods=cfg["acc_methods"], log=log))
 
-    if "export" in parts:
-        log("export / pack")
-        results["export"] = export_size.run(args.quick, log=log)
+        if "export" in parts:
+            log("export / pack")
+            results["export"] = export_size.run(args.quick, log=log)
 
-    results["meta"]["total_s"] = time.perf_counter() - t_start
-    results["meta"]["load_avg_end"] = list(os.getloadavg())
-    plot_files = report.plots(results, out)
-    results["meta"]["plots"] = plot_files
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out / "results.md").write_text(report.markdown(results, plot_files))
-    log(f"wrote {out / 'results.md'}, {out / 'results.json'}, {plot_files}")
+        results["meta"]["total_s"] = time.perf_counter() - t_start
+        results["meta"]["load_avg_end"] = list(os.getloadavg())
+        plot_files = report.plots(results, out)
+        results["meta"]["plots"] = plot_files
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (out / "results.md").write_text(report.markdown(results, plot_files))
+        log(f"wrote {out / 'results.md'}, {out / 'results.json'}, {plot_files}")
+    finally:
+        if flush:   # the flag is process wide: leave the process as it was
+            torch.set_flush_denormal(False)
     return 0
 
 

@@ -216,6 +216,7 @@ class Divergence:
     non_finite: bool = False
     boundary: bool = False
     compared: int = 0
+    shapes: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None   # (qonnx, PyTorch)
 
     def describe(self) -> str:
         where = f"{self.node} ({self.op_type}"
@@ -224,6 +225,10 @@ class Divergence:
             where += f" = output of module '{self.module}' ({self.module_type})"
         if self.non_finite:
             text = f"first non-finite tensor: output of {where}, from finite inputs"
+        elif self.shapes is not None:
+            text = (f"first diverging node: {where}: output shape {self.shapes[0]}, PyTorch "
+                    f"{self.shapes[1]} (a shape computed wrongly in the export, e.g. a "
+                    f"padding built from Shape nodes)")
         else:
             text = (f"first diverging node: {where}: max abs error {self.error:.3g} "
                     f"(tolerance {self.tolerance:.3g})")
@@ -615,9 +620,11 @@ def diagnose_qonnx(path: PathLike, model: nn.Module, x: torch.Tensor,
 
     Runs qonnx's `execute_onnx` with the full execution context and the PyTorch model
     (eval) with forward hooks on every module; the output tensor of the last node of each
-    module's scope (kept in the nodes' doc_string) is compared with the module's output
-    when their shapes agree. Returns None when every compared tensor agrees and no
-    non-finite value appears; else the earliest (in graph order) disagreement.
+    module's scope (kept in the nodes' doc_string) is compared with the module's output; a
+    different number of elements is a divergence too (``Divergence.shapes``; a mere layout
+    change, such as a weight transposed by the cleanup, is skipped). Returns None when every
+    compared tensor agrees and no non-finite value appears; else the earliest (in graph
+    order) disagreement.
     """
     from qonnx.core.onnx_exec import execute_onnx
     wrapper = _load(path)
@@ -670,7 +677,15 @@ def diagnose_qonnx(path: PathLike, model: nn.Module, x: torch.Tensor,
         name = compare_at[i]
         reference = tracker.outputs[name].cpu().float().numpy()
         got = outputs[0]
-        if got is None or tuple(np.shape(got)) != tuple(reference.shape):
+        if not isinstance(got, np.ndarray):
+            continue
+        if got.size != reference.size and got.dtype.kind == "f":
+            # a wrong size, not a layout change (cleanup transposes Gemm weights, for one)
+            return Divergence(node.name, node.op_type, name, _module_type(modules, name),
+                              float("inf"), float("nan"), scope=node.doc_string,
+                              last_match=last_match, compared=compared,
+                              shapes=(tuple(got.shape), tuple(reference.shape)))
+        if tuple(got.shape) != tuple(reference.shape):
             continue
         compared += 1
         tol = _tolerance(reference, atol, rtol)
@@ -684,6 +699,14 @@ def diagnose_qonnx(path: PathLike, model: nn.Module, x: torch.Tensor,
                           scope=node.doc_string, last_match=last_match, boundary=boundary,
                           compared=compared)
     return None
+
+
+def _try_diagnose(path, model, x, atol, rtol) -> Optional[Divergence]:
+    try:
+        return diagnose_qonnx(path, model, x, atol, rtol)
+    except Exception as exc:  # diagnosis is a bonus, never the failure
+        log.warning("could not diagnose %s: %s", path, exc)
+        return None
 
 
 def verify_qonnx(
@@ -721,18 +744,17 @@ def _verify(path, model, inputs, atol, rtol, diagnose, max_boundary_flips
                 raise QONNXExportError(
                     f"qonnx cannot execute {path}: {_first_line(exc)}") from exc
             if got.shape != reference.shape:
+                divergence = _try_diagnose(path, model, x, atol, rtol) if diagnose else None
+                where = f"; {divergence.describe()}" if divergence is not None else ""
                 raise QONNXMismatchError(
-                    f"input {i}: QONNX output shape {got.shape} != PyTorch {reference.shape}",
-                    path=Path(path))
+                    f"input {i}: QONNX output shape {got.shape} != PyTorch {reference.shape}"
+                    f"{where}", divergence=divergence, path=Path(path))
             err = _max_abs(got, reference)
             tol = _tolerance(reference, atol, rtol)
             if not err <= tol:
                 divergence = None
                 if diagnose or max_boundary_flips:
-                    try:
-                        divergence = diagnose_qonnx(path, model, x, atol, rtol)
-                    except Exception as exc:  # diagnosis is a bonus, never the failure
-                        log.warning("could not diagnose %s: %s", path, exc)
+                    divergence = _try_diagnose(path, model, x, atol, rtol)
                 if divergence is not None and divergence.boundary and \
                         len(flipped) < max_boundary_flips:
                     log.warning("%s: input %d skipped: %s", path, i, divergence.describe())

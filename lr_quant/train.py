@@ -16,6 +16,7 @@ Optimizer groups: LR logits (lr_logits, no weight decay) and real-valued paramet
 The learning rate is stepped per optimizer step: linear warmup over `warmup_epochs`, then
 cosine to 0, constant, or x0.1 at 50% and 75% ("step"). Sign temperature / noise follow
 `ParamSchedule`s over all steps. Logits are clamped to +-logit_clamp after every step.
+On CPU, subnormal floats are flushed to zero while fitting (``flush_denormal``).
 
 Accuracies reported by `finalize` (validation split carved from train; test split):
     fp_*          the FP teacher (before conversion)
@@ -498,15 +499,21 @@ class Trainer:
         self.state.epoch_start_time = time.time()
         if self.output_dir and self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        while self.state.epoch < self.config.epochs:
-            finished = self._train_epoch(stop_after_steps)
-            if finished:
-                self._end_epoch()
-            self.save()   # every epoch end, and where an interruption stopped
-            if not finished:
-                self.log(f"stopped after {self.state.global_step} steps; resume with the "
-                         f"checkpoint {self.checkpoint_path}")
-                break
+        flush = self.config.flush_denormal and self.info.device.type == "cpu" and \
+            torch.set_flush_denormal(True)   # False where the CPU does not support it
+        try:
+            while self.state.epoch < self.config.epochs:
+                finished = self._train_epoch(stop_after_steps)
+                if finished:
+                    self._end_epoch()
+                self.save()   # every epoch end, and where an interruption stopped
+                if not finished:
+                    self.log(f"stopped after {self.state.global_step} steps; resume with the "
+                             f"checkpoint {self.checkpoint_path}")
+                    break
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
         return self.state.history
 
     # -- after training ----------------------------------------------------------------------

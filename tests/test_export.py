@@ -611,3 +611,20 @@ def test_intquant_in_the_graph_is_refused(tmp_path, monkeypatch):
     with pytest.raises(QONNXExportError, match=r"IntQuant nodes \['/2/weight_quant/"
                                                r"export_handler/Quant \(2\)'\]"):
         export_qonnx(model, torch.randn(1, 4), tmp_path / "m.onnx")
+
+
+def test_a_wrongly_exported_shape_is_named_as_the_divergence(tmp_path):
+    """Two float strided timm Conv2dSame in a row at a size the stride does not divide:
+    the second one's pad is computed in the graph from Shape nodes, which qonnx's cleanup
+    folds to a wrong constant (known timm/qonnx limitation, LR convs compute their pad as
+    constants). The verification fails and names that module and the two shapes."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), Conv2dSame(8, 8, 3, stride=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(QONNXMismatchError, match=r"module '2' \(Conv2dSame\): output shape") as e:
+        export_qonnx(model, torch.randn(1, 3, 33, 33), tmp_path / "same.onnx")
+    d = e.value.divergence
+    assert d.module == "2" and d.op_type == "Conv" and d.last_match[1] == "1"
+    assert d.shapes == ((1, 8, 8, 8), (1, 8, 9, 9))   # PyTorch: ceil(17 / 2) = 9

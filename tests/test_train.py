@@ -166,6 +166,33 @@ def test_bf16_autocast_and_logit_clamp():
     assert all(m.weight_logits.dtype == torch.float32 for _, m in lr_layers(model))
 
 
+class _SubnormalProbe(nn.Module):
+    """Records, in training forwards, whether arithmetic on a subnormal float32 gives 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.flushed = []
+
+    def forward(self, x):
+        tiny = torch.tensor([1e-40], dtype=torch.float32)   # subnormal (< 1.18e-38)
+        self.flushed.append((self.training, bool((tiny * 1.0 + 0.0 == 0).item())))
+        return x
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormal_during_fit_only(flush):
+    supported = torch.set_flush_denormal(False)   # x86 (SSE3): True
+    probe = _SubnormalProbe()
+    model = nn.Sequential(probe, *to_lr(mlp(16)))
+    Trainer(model, TrainConfig(epochs=1, batch_size=60, flush_denormal=flush),
+            digits_data(n_train=200), log=quiet, progress=False).fit()
+    training = [f for t, f in probe.flushed if t]
+    assert len(training) == 3 and all(f == (flush and supported) for f in training)
+    probe.flushed.clear()
+    model(torch.randn(4, 64))   # after fit: the process-wide flag is off again
+    assert probe.flushed == [(True, False)]
+
+
 def test_batch_size_must_fit_the_data():
     with pytest.raises(ValueError, match="fewer than one batch"):
         Trainer(mlp(8), TrainConfig(batch_size=512), digits_data(n_train=300), log=quiet)

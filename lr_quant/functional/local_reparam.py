@@ -12,6 +12,15 @@ and it is sampled as z = m + sqrt(v + eps) * e, with one e ~ N(0, 1) per output 
 `op` is the layer's own linear operator ``op(input, weight, bias)`` (e.g. F.linear or a
 partial of F.conv2d), so the same code serves every layer kind.
 
+When every weight of an output unit has the same second moment E[w^2] = c_o (weights of
+equal magnitude, e.g. binary +-alpha_o: E[w^2] = alpha_o^2 whatever the probabilities),
+
+    A(v_x; mu_w^2 + var_w) = c_o * A1(sum_i v_x[i])
+
+with A1 the same operator on one input channel and an all-ones kernel (a box sum): one
+cheap single-channel op instead of a full convolution (``weight_sq_per_output``; dense
+operators only, a grouped one falls back to the full form).
+
 Numerics: the variance path is a sum of non-negative terms (no cancellation); under
 float16 autocast it is computed in float32 (x^2 overflows float16 for |x| > 256), and the
 square root and the noise are applied in float32.
@@ -52,7 +61,8 @@ def lr_moments(
         weight_mean: Tensor,
         weight_var: Tensor,
         bias: Optional[Tensor] = None,
-        x_var: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        x_var: Optional[Tensor] = None,
+        weight_sq_per_output: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Mean and variance of the pre-activation op(x, w) + bias for random weights w.
 
     Args:
@@ -61,6 +71,10 @@ def lr_moments(
         weight_mean, weight_var: per-weight mean and variance (weight-shaped).
         bias: deterministic bias added to the mean.
         x_var: variance of a stochastic input independent of the weights (or None).
+        weight_sq_per_output: E[w^2] when it is the same for all weights of an output unit
+            (shape [out] or one value; equals mu_w^2 + var_w); then the x_var term is a box
+            sum (see the module docstring). Weights are [out, in, *kernel] (linear: [out,
+            in], input channels last; conv: channels on dim 1).
     """
     if weight_mean.shape != weight_var.shape:
         raise ValueError(
@@ -72,7 +86,17 @@ def lr_moments(
     mean = op(x, weight_mean, bias)
     var = _variance_op(op, x * x, weight_var)
     if x_var is not None:
-        var = var + _variance_op(op, x_var, weight_mean * weight_mean + weight_var)
+        channel_dim = -1 if weight_mean.dim() == 2 else 1
+        dense = x_var.shape[channel_dim] == weight_mean.shape[1]   # groups == 1
+        if weight_sq_per_output is None or not dense:
+            var = var + _variance_op(op, x_var, weight_mean * weight_mean + weight_var)
+        else:
+            ones = weight_mean.new_ones((1, 1) + tuple(weight_mean.shape[2:]))
+            box = _variance_op(op, x_var.sum(channel_dim, keepdim=True), ones)
+            c = weight_sq_per_output.reshape(-1)
+            if c.numel() > 1 and channel_dim == 1:
+                c = c.view(1, -1, *([1] * (box.dim() - 2)))
+            var = var + box * c
     return mean, var
 
 

@@ -149,11 +149,24 @@ class LRWeightMixin:
     # -- distribution views --------------------------------------------------------------
     def weight_moments(self) -> Tuple[Tensor, Tensor]:
         """(E[w] s, Var[w] s^2): the moments of the scaled weight."""
+        return self._scaled_moments()[:2]
+
+    def _scaled_moments(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         mean, var = self.lr_distribution.moments(self.weight_logits)
         scale = self.lr_scale()
         if scale is None:
-            return mean, var
-        return mean * scale, var * (scale * scale)
+            return mean, var, None
+        return mean * scale, var * (scale * scale), scale
+
+    def _weight_sq_per_output(self, scale: Optional[Tensor]) -> Optional[Tensor]:
+        """E[w^2] per output unit when all values have one magnitude (binary: s^2)."""
+        magnitudes = {abs(v) for v in self.lr_distribution.values}
+        if len(magnitudes) != 1:
+            return None
+        value_sq = magnitudes.pop() ** 2
+        if scale is None:
+            return self.weight_logits.new_tensor(value_sq)
+        return (scale * scale).reshape(-1) * value_sq
 
     def lr_regularizer(self) -> Tensor:
         """The distribution's regularizer on this layer's logits (beta / probability decay)."""
@@ -228,10 +241,12 @@ class LRWeightMixin:
 
     def lr_preactivation(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """z = m + sqrt(v + eps) * e for an input x (a MomentTensor adds its variance)."""
-        weight_mean, weight_var = self.weight_moments()
+        weight_mean, weight_var, scale = self._scaled_moments()
         x_mean, x_var = split_moments(x)  # x_var is None for a deterministic input
         parent_op = super().inner_forward_impl  # the layer's own conv / linear operator
-        mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, bias, x_var=x_var)
+        sq = self._weight_sq_per_output(scale) if x_var is not None else None
+        mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, bias, x_var=x_var,
+                               weight_sq_per_output=sq)
         sample = lr_sample(mean, var, self.lr_eps)
         if self.lr_output_moments:
             return MomentTensor.from_moments(mean, var, sample=sample, validate=False)

@@ -330,6 +330,60 @@ def test_moment_tensor_input_and_output():
     assert not has_moments(layer(m_x))
 
 
+@pytest.mark.parametrize("quant", [LRBinaryWeightPerTensorConst, LRBinaryWeightPerChannelFloat,
+                                   lr_weight_quant({"name": "categorical", "values": (-2, 2)},
+                                                   per_channel_scale=True)],
+                         ids=["bin", "bin-pc", "pm2-pc"])
+@pytest.mark.parametrize("kind", ["linear", "linear-3d-input", "conv1d", "conv2d-strided-dilated",
+                                  "conv2d-same", "conv2d-reflect", "conv3d", "grouped"])
+def test_equal_magnitude_weights_use_the_box_sum_for_the_input_variance(quant, kind):
+    """Binary (equal-magnitude) weights: E[w^2] = alpha^2, so op(v_x; E[w]^2 + Var[w]) is
+    alpha^2 times a one-channel box sum of v_x. Moments and gradients equal the full
+    convolution (the general path, forced here by disabling the shortcut)."""
+    from lr_quant.moments import MomentTensor
+    from lr_quant.nn import LRQuantConv3d
+
+    torch.manual_seed(0)
+    make = {
+        "linear": (lambda: LRQuantLinear(7, 5, weight_quant=quant), (3, 7)),
+        "linear-3d-input": (lambda: LRQuantLinear(7, 5, weight_quant=quant), (2, 4, 7)),
+        "conv1d": (lambda: LRQuantConv1d(3, 4, 3, padding=2, weight_quant=quant), (2, 3, 9)),
+        "conv2d-strided-dilated": (lambda: LRQuantConv2d(
+            3, 4, 3, stride=2, dilation=2, padding=1, weight_quant=quant), (2, 3, 9, 8)),
+        "conv2d-same": (lambda: LRQuantConv2d(3, 4, 3, padding="same", weight_quant=quant),
+                        (2, 3, 6, 7)),
+        "conv2d-reflect": (lambda: LRQuantConv2d(3, 4, 3, padding=1, padding_mode="reflect",
+                                                 weight_quant=quant), (2, 3, 5, 5)),
+        "conv3d": (lambda: LRQuantConv3d(2, 3, 3, padding=1, weight_quant=quant), (1, 2, 4, 4, 4)),
+        "grouped": (lambda: LRQuantConv2d(4, 6, 3, groups=2, padding=1, weight_quant=quant),
+                    (2, 4, 5, 5)),
+    }
+    build, shape = make[kind]
+    layers = [build().double(), None]
+    layers[1] = build().double()
+    layers[1].load_state_dict(layers[0].state_dict())
+    layers[1]._weight_sq_per_output = lambda scale: None      # the full convolution
+    with torch.no_grad():
+        layers[0].weight_logits.normal_(0, 1.5)
+        layers[1].weight_logits.copy_(layers[0].weight_logits)
+    m_x, v_x = torch.randn(shape, dtype=torch.float64), torch.rand(shape, dtype=torch.float64)
+    outs, grads = [], []
+    for layer in layers:
+        layer.lr_output_moments = True
+        layer.train()
+        m, v = m_x.clone().requires_grad_(), v_x.clone().requires_grad_()
+        out = layer(MomentTensor.from_moments(m, v))
+        outs.append((out.moment_mean, out.moment_var))
+        w = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).view(out.shape)
+        params = [layer.weight_logits] + [p for n, p in layer.named_parameters()
+                                          if "scaling_impl" in n]
+        grads.append(torch.autograd.grad((out.moment_var * w).sum(), [m, v] + params))
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert (layers[0]._weight_sq_per_output(layers[0].lr_scale()) is not None)
+
+
 def test_moments_travel_lr_bn_sign_lr():
     """LR -> BatchNorm -> stochastic sign (moment mode) -> LR: the second LR layer gets a
     MomentTensor whose moments come from the sign's P(+1) = Phi(m / sqrt(v))."""
