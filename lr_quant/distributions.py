@@ -153,6 +153,15 @@ class WeightDistribution(ABC):
         var = (p * (v - mean.unsqueeze(0)).square()).sum(0)
         return mean, var
 
+    def scaled_moments(self, logits: Tensor, scale: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor]:
+        """(mean s, var s^2) of the scaled weight s w (s broadcastable to the weight, e.g.
+        per output channel; None: s = 1). Binary and ternary fuse it (fewer saved tensors)."""
+        mean, var = self.moments(logits)
+        if scale is None:
+            return mean, var
+        return mean * scale, var * (scale * scale)
+
     def mean(self, logits: Tensor) -> Tensor:
         return self.moments(logits)[0]
 
@@ -225,55 +234,92 @@ def _sech2_half(logits: Tensor) -> Tensor:
     return 4.0 * e / (1.0 + e).square_()
 
 
-class _TernaryMoments(torch.autograd.Function):
+def _scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
+    """Sum a weight-shaped gradient down to the (broadcast) shape of the scale."""
+    return grad.sum_to_size(scale.shape)
+
+
+class _ScaledMoments(torch.autograd.Function):
+    """(mu s, var s^2) of a per-weight distribution with a per-channel scale s (or s = 1
+    when None), fused: only the logits and s are saved; the backward recomputes the
+    elementwise statistics instead of keeping weight-sized tensors alive (binary: 2,
+    ternary: 6 fewer per layer; measured on resnet18 at 112x112: +2% / +5% step time, at
+    32x32 where weight-sized passes dominate +12% / +22%), and the scale products need no
+    separate autograd nodes. Subclasses give ``_stats(logits)`` ->
+    (mu, var, aux) and ``_grad_logits(logits, aux, g_mu, g_var)`` for the unscaled
+    moments; then d/ds = sum(g_m mu + 2 s g_v var) and the logits see g_m s, g_v s^2."""
+
+    @classmethod
+    def _stats(cls, logits):
+        raise NotImplementedError
+
+    @classmethod
+    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+        raise NotImplementedError
+
+    @classmethod
+    def forward(cls, ctx, logits, scale):
+        mean, var, _ = cls._stats(logits)
+        if scale is None:
+            ctx.save_for_backward(logits)
+            return mean, var
+        ctx.save_for_backward(logits, scale)
+        return mean * scale, var * (scale * scale)
+
+    @classmethod
+    def backward(cls, ctx, grad_mean, grad_var):
+        logits, *rest = ctx.saved_tensors
+        mean, var, aux = cls._stats(logits)
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_var = torch.zeros_like(var) if grad_var is None else grad_var
+        if not rest:
+            return cls._grad_logits(logits, aux, grad_mean, grad_var), None
+        (scale,) = rest
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = _scale_grad(grad_mean * mean + 2.0 * scale * grad_var * var, scale)
+        grad_logits = cls._grad_logits(logits, aux, grad_mean * scale,
+                                       grad_var * (scale * scale))
+        return grad_logits, grad_scale
+
+
+class _TernaryMoments(_ScaledMoments):
     """Shayer's ternary moments with p0 = sigmoid(a), n = 1 - p0 = sigmoid(-a),
     m = 2q - 1 = tanh(b/2), r = 4q(1 - q) = sech^2(b/2):  mu = n m,
     var = n (p0 m^2 + r)  (non-negative terms, p0 and n each computed directly).
-    Backward by hand, saving p0, n, m, r only: dmu/da = -n p0 m, dmu/db = n r / 2,
+    Backward by hand: dmu/da = -n p0 m, dmu/db = n r / 2,
     dvar/da = -n p0 ((p0 - n) m^2 + r), dvar/db = -n^2 r m."""
 
-    @staticmethod
-    def forward(ctx, logits):
+    @classmethod
+    def _stats(cls, logits):
         p_zero = torch.sigmoid(logits[0])
         n = torch.sigmoid(-logits[0])
         m = torch.tanh(0.5 * logits[1])
         r = _sech2_half(logits[1])
-        mean = n * m
-        var = n * (p_zero * m.square() + r)
-        ctx.save_for_backward(p_zero, n, m, r)
-        return mean, var
+        return n * m, n * (p_zero * m.square() + r), (p_zero, n, m, r)
 
-    @staticmethod
-    def backward(ctx, grad_mean, grad_var):
-        p_zero, n, m, r = ctx.saved_tensors
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(n)
-        if grad_var is None:
-            grad_var = torch.zeros_like(n)
+    @classmethod
+    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+        p_zero, n, m, r = aux
         grad_a = -(n * p_zero) * (grad_mean * m + grad_var * ((p_zero - n) * m.square() + r))
         grad_b = n * r * (0.5 * grad_mean - grad_var * n * m)
         return torch.stack([grad_a, grad_b])
 
 
-class _BinaryMoments(torch.autograd.Function):
+class _BinaryMoments(_ScaledMoments):
     """mu = tanh(theta/2), var = sech^2(theta/2) = 4 p (1 - p) = 4e / (1 + e)^2 with
     e = exp(-|theta|) (no cancellation, > 0 for every theta; exp is vectorized on CPU where
     cosh is not), one fused backward: dmu/dtheta = var / 2, dvar/dtheta = -var * mu."""
 
-    @staticmethod
-    def forward(ctx, logits):
+    @classmethod
+    def _stats(cls, logits):
         mean = torch.tanh(0.5 * logits)
         var = _sech2_half(logits)
-        ctx.save_for_backward(mean, var)
-        return mean, var
+        return mean, var, (mean, var)
 
-    @staticmethod
-    def backward(ctx, grad_mean, grad_var):
-        mean, var = ctx.saved_tensors
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            return var * (0.5 * grad_mean)
+    @classmethod
+    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+        mean, var = aux
         return var * (0.5 * grad_mean - grad_var * mean)
 
 
@@ -304,7 +350,10 @@ class BinaryDistribution(WeightDistribution):
         return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)])
 
     def moments(self, logits):
-        return _BinaryMoments.apply(logits)
+        return _BinaryMoments.apply(logits, None)
+
+    def scaled_moments(self, logits, scale=None):
+        return _BinaryMoments.apply(logits, scale)
 
     def mode(self, logits):
         one = torch.ones((), dtype=logits.dtype, device=logits.device)
@@ -359,7 +408,10 @@ class TernaryDistribution(WeightDistribution):
         return torch.stack([p_nonzero * torch.sigmoid(-b), p_zero, p_nonzero * torch.sigmoid(b)])
 
     def moments(self, logits):
-        return _TernaryMoments.apply(logits)
+        return _TernaryMoments.apply(logits, None)
+
+    def scaled_moments(self, logits, scale=None):
+        return _TernaryMoments.apply(logits, scale)
 
     def regularizer(self, logits):
         return logits.square().sum()

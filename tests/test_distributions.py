@@ -279,3 +279,32 @@ def test_ternary_fused_moments_match_the_generic_sum_and_autograd():
     torch.testing.assert_close(fused, logits.grad)
     assert torch.autograd.gradcheck(lambda t: dist.moments(t),
                                     (torch.randn(2, 4, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("dist", [BinaryDistribution(), TernaryDistribution(),
+                                  CategoricalDistribution((-2, -1, 0, 1, 2))],
+                         ids=["binary", "ternary", "quinary"])
+def test_scaled_moments_equal_the_composition_and_pass_gradcheck(dist):
+    """scaled_moments(logits, s) = (mu s, var s^2): binary and ternary fuse it in one
+    autograd Function (only the logits and s saved); values and gradients (logits and a
+    per-channel s) equal autograd through the plain composition, and finite differences."""
+    from lr_quant.distributions import WeightDistribution
+
+    torch.manual_seed(0)
+    weight_shape = (4, 3, 2)
+    logits = (2 * torch.randn(dist.logits_shape(weight_shape), dtype=torch.float64)
+              ).requires_grad_(True)
+    scale = (torch.rand(4, 1, 1, dtype=torch.float64) + 0.5).requires_grad_(True)
+    g_mean, g_var = torch.randn(weight_shape, dtype=torch.float64), torch.randn(
+        weight_shape, dtype=torch.float64)
+    mean, var = dist.scaled_moments(logits, scale)
+    grads = torch.autograd.grad((mean * g_mean + var * g_var).sum(), (logits, scale))
+    ref_mean, ref_var = WeightDistribution.moments(dist, logits)
+    ref_mean, ref_var = ref_mean * scale, ref_var * scale ** 2
+    ref_grads = torch.autograd.grad((ref_mean * g_mean + ref_var * g_var).sum(), (logits, scale))
+    torch.testing.assert_close((mean, var), (ref_mean, ref_var))
+    torch.testing.assert_close(grads, ref_grads)
+    small = logits.detach()[..., :1, :1].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda l, s: dist.scaled_moments(l, s), (small, scale))
+    # without a scale it is the plain moments
+    torch.testing.assert_close(dist.scaled_moments(logits, None), dist.moments(logits))

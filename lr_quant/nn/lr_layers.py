@@ -152,11 +152,9 @@ class LRWeightMixin:
         return self._scaled_moments()[:2]
 
     def _scaled_moments(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        mean, var = self.lr_distribution.moments(self.weight_logits)
         scale = self.lr_scale()
-        if scale is None:
-            return mean, var, None
-        return mean * scale, var * (scale * scale), scale
+        mean, var = self.lr_distribution.scaled_moments(self.weight_logits, scale)
+        return mean, var, scale
 
     def _weight_sq_per_output(self, scale: Optional[Tensor]) -> Optional[Tensor]:
         """E[w^2] per output unit when all values have one magnitude (binary: s^2)."""
