@@ -15,6 +15,14 @@ cancels to 0 or to negative numbers in float32 for |z| > ~4; ``4 P (1 - P)`` wit
 P = ndtr(z), 1 - P = ndtr(-z) does not). Log-odds use ``torch.special.log_ndtr``, which is
 finite for |z| up to ~1e4 in float32.
 
+Standardized margins z are clamped to +-Z_MAX = 40: beyond it Phi(z), E[s] and Var[s] are
+already exactly 0 / 1 in float32 and float64 (Phi(-40) ~ 4e-350), and log Phi(-40) = -804.6
+still makes every sample deterministic (logistic / Gumbel noise from float32 uniforms is
+bounded by ~90). The clamp keeps ``log_ndtr`` and its gradient accurate: torch's
+``log_ndtr`` backward is wrong beyond |z| ~ 1e3 and returned NaN for the extreme margins a
+ternary activation with a small half-width t produced in training (z = (m -+ t)/s with
+s -> 0).
+
 Noise mode: where the input's variance is unknown, the input x is treated as
 x + N(0, sigma_a^2), i.e. P(+1) = Phi((x - t) / sigma_a).
 
@@ -58,6 +66,7 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_EPS",
+    "Z_MAX",
     "ndtr",
     "binary_sign",
     "ste_sign",
@@ -79,6 +88,8 @@ __all__ = [
 ]
 
 DEFAULT_EPS = 1e-8
+#: standardized margins are clamped to [-Z_MAX, Z_MAX] (see the module docstring)
+Z_MAX = 40.0
 Number = Union[float, int]
 ThresholdLike = Union[Number, Tensor]
 
@@ -145,11 +156,11 @@ def ste_sign(x: Tensor, clip: Optional[float] = 1.0) -> Tensor:
 
 def sign_z(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
            eps: float = DEFAULT_EPS) -> Tensor:
-    """Standardized margin z = (m - t) / sqrt(v + eps)."""
+    """Standardized margin z = (m - t) / sqrt(v + eps), clamped to [-Z_MAX, Z_MAX]."""
     _check_nonneg("eps", eps)
     if not isinstance(var, Tensor):
         var = torch.as_tensor(var, dtype=mean.dtype, device=mean.device)
-    return (mean - threshold) * torch.rsqrt(var + eps)
+    return ((mean - threshold) * torch.rsqrt(var + eps)).clamp(-Z_MAX, Z_MAX)
 
 
 def sign_probability(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
@@ -161,7 +172,10 @@ def sign_probability(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
 def sign_log_odds(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
                   eps: float = DEFAULT_EPS) -> Tensor:
     """log P(+1) - log P(-1) = log Phi(z) - log Phi(-z), finite for any finite z."""
-    z = sign_z(mean, var, threshold, eps)
+    return _log_odds(sign_z(mean, var, threshold, eps))
+
+
+def _log_odds(z: Tensor) -> Tensor:
     return torch.special.log_ndtr(z) - torch.special.log_ndtr(-z)
 
 
@@ -233,9 +247,8 @@ def sample_noise_sign(x: Tensor, sigma: ThresholdLike, threshold: ThresholdLike 
                       generator: Optional[torch.Generator] = None) -> Tensor:
     """Noise mode: hard sample of sign(x + sigma_a e - t), e ~ N(0, 1), relaxed gradient."""
     _check_noise_std(sigma)
-    z = (x - threshold) / sigma
-    log_odds = torch.special.log_ndtr(z) - torch.special.log_ndtr(-z)
-    return relaxed_sign_sample(log_odds, tau, generator)
+    z = ((x - threshold) / sigma).clamp(-Z_MAX, Z_MAX)
+    return relaxed_sign_sample(_log_odds(z), tau, generator)
 
 
 # --- ternary -------------------------------------------------------------------------
@@ -258,8 +271,8 @@ def ternary_log_probabilities(mean: Tensor, var: Tensor, threshold: ThresholdLik
         _check_nonneg("threshold", threshold)
         _check_nonneg("var", var)
     s = torch.rsqrt(var + eps)
-    z_hi = (mean - threshold) * s   # P(+1) = Phi(z_hi)
-    z_lo = (mean + threshold) * s   # P(-1) = Phi(-z_lo); z_lo >= z_hi
+    z_hi = ((mean - threshold) * s).clamp(-Z_MAX, Z_MAX)   # P(+1) = Phi(z_hi)
+    z_lo = ((mean + threshold) * s).clamp(-Z_MAX, Z_MAX)   # P(-1) = Phi(-z_lo); z_lo >= z_hi
     log_plus = torch.special.log_ndtr(z_hi)
     log_minus = torch.special.log_ndtr(-z_lo)
     # P(0) = Phi(z_lo) - Phi(z_hi) = Phi(-z_hi) - Phi(-z_lo): use the pair of smaller tails.

@@ -83,7 +83,8 @@ def test_sign_moments_are_stable_in_the_tails():
     mu, sv = sign_moments(torch.tensor([40.0, -1e6]), torch.ones(2))
     assert torch.isfinite(sv).all() and (sv >= 0).all() and mu.abs().eq(1).all()
     lo = sign_log_odds(torch.tensor([-100.0, 100.0]), torch.ones(2))
-    assert torch.isfinite(lo).all() and lo[0] < -1000 and lo[1] > 1000
+    # saturated at |z| = Z_MAX = 40: log Phi(40) - log Phi(-40) = 804.6 (deterministic samples)
+    assert torch.isfinite(lo).all() and lo[0] == -lo[1] and 804 < lo[1] < 805
 
 
 def test_sign_moment_gradients_match_analytic_and_finite_differences():
@@ -221,3 +222,31 @@ def test_bad_inputs_raise():
         sample_sign(x, -torch.ones(3))
     with pytest.raises(ValueError, match="threshold"):
         ternary_probabilities(x, torch.ones(3), -0.5)
+
+
+def test_extreme_margins_give_finite_exact_saturated_values_and_zero_gradients():
+    """|z| up to 1e30 (a variance -> 0, a tiny ternary half-width): probabilities, moments
+    and log-probabilities saturate exactly as the closed forms do at |z| = Z_MAX, samples are
+    deterministic, and every gradient is finite (torch's log_ndtr backward alone returns
+    wrong values beyond |z| ~ 1e3)."""
+    from lr_quant.functional.sign import Z_MAX
+
+    m = torch.tensor([-1e30, -1e5, -60.0, 60.0, 1e5, 1e30], requires_grad=True)
+    v = torch.full((6,), 1e-6, requires_grad=True)
+    mean, var = sign_moments(m, v, 0.0, eps=0.0)
+    assert mean.tolist() == [-1, -1, -1, 1, 1, 1] and (var == 0).all()
+    lo = sign_log_odds(m, v, 0.0, eps=0.0)
+    assert torch.isfinite(lo).all() and (lo.sign() == torch.tensor([-1., -1, -1, 1, 1, 1])).all()
+    s = sample_sign(m.repeat(1000, 1), v.repeat(1000, 1), tau=0.5,
+                    generator=torch.Generator().manual_seed(0))
+    assert (s == torch.tensor([-1., -1, -1, 1, 1, 1])).all()
+    lp = ternary_log_probabilities(m, v, 0.5, eps=0.0)
+    assert torch.isfinite(lp).all()
+    assert (lp.argmax(-1) == torch.tensor([0, 0, 0, 2, 2, 2])).all()
+    loss = lo.sum() + mean.sum() + var.sum() + lp.sum()
+    gm, gv = torch.autograd.grad(loss, (m, v))
+    assert torch.isfinite(gm).all() and torch.isfinite(gv).all()
+    # at moderate margins the clamp changes nothing
+    z = torch.linspace(-Z_MAX, Z_MAX, 101, dtype=torch.float64)
+    torch.testing.assert_close(sign_log_odds(z, torch.ones_like(z), 0.0, 0.0),
+                               torch.special.log_ndtr(z) - torch.special.log_ndtr(-z))

@@ -435,6 +435,10 @@ def test_ternary_layer_bad_inputs_and_setters():
         StochasticTernarySign(3, mode="moment").train()(torch.randn(2, 3))
     model = nn.Sequential(StochasticSign(4), StochasticTernarySign(4))
     assert set_sign_temperature(model, 0.3) == 2 and set_sign_noise_std(model, 0.2) == 2
+    fixed = StochasticTernarySign(threshold=False).eval()   # thresholds +-1/2: clip(round(x))
+    assert fixed.threshold_module is None
+    x = torch.tensor([-2.0, -0.5, -0.49, 0.5, 0.51, 1.5])
+    assert fixed(x).tolist() == [-1, 0, 0, 0, 1, 1]
     assert math.isclose(float(model[1].sign_quant.temperature), 0.3, rel_tol=1e-6)
 
 
