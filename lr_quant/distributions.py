@@ -94,6 +94,11 @@ class WeightDistribution(ABC):
 
     def __init__(self, values: Sequence[float]):
         self.values = _validate_values(values)
+        magnitudes = {abs(v) for v in self.values}
+        #: E[w^2] when every value has the same magnitude (then it does not depend on the
+        #: probabilities: binary +-1 -> 1), else None
+        self.constant_square: Optional[float] = magnitudes.pop() ** 2 if len(magnitudes) == 1 \
+            else None
         # Values materialized lazily per (dtype, device).
         self._values_cache: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
 
@@ -234,11 +239,6 @@ def _sech2_half(logits: Tensor) -> Tensor:
     return 4.0 * e / (1.0 + e).square_()
 
 
-def _scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
-    """Sum a weight-shaped gradient down to the (broadcast) shape of the scale."""
-    return grad.sum_to_size(scale.shape)
-
-
 class _ScaledMoments(torch.autograd.Function):
     """(mu s, var s^2) of a per-weight distribution with a per-channel scale s (or s = 1
     when None), fused: only the logits and s are saved; the backward recomputes the
@@ -277,7 +277,8 @@ class _ScaledMoments(torch.autograd.Function):
         (scale,) = rest
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            grad_scale = _scale_grad(grad_mean * mean + 2.0 * scale * grad_var * var, scale)
+            grad_scale = (grad_mean * mean + 2.0 * scale * grad_var * var).sum_to_size(
+                scale.shape)
         grad_logits = cls._grad_logits(logits, aux, grad_mean * scale,
                                        grad_var * (scale * scale))
         return grad_logits, grad_scale

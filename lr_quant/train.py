@@ -514,6 +514,11 @@ class Trainer:
         finally:
             if flush:
                 torch.set_flush_denormal(False)
+            # Release the DDP wrapper (rebuilt by the next fit): its reducer holds the
+            # process group, which must be destroyed while the interpreter is alive, not
+            # at exit (gloo aborted a rank in teardown: "terminate called without an
+            # active exception").
+            self.ddp = None
         return self.state.history
 
     # -- after training ----------------------------------------------------------------------

@@ -158,10 +158,9 @@ class LRWeightMixin:
 
     def _weight_sq_per_output(self, scale: Optional[Tensor]) -> Optional[Tensor]:
         """E[w^2] per output unit when all values have one magnitude (binary: s^2)."""
-        magnitudes = {abs(v) for v in self.lr_distribution.values}
-        if len(magnitudes) != 1:
+        value_sq = self.lr_distribution.constant_square
+        if value_sq is None:
             return None
-        value_sq = magnitudes.pop() ** 2
         if scale is None:
             return self.weight_logits.new_tensor(value_sq)
         return (scale * scale).reshape(-1) * value_sq

@@ -253,9 +253,8 @@ class TernaryThreshold(ThresholdShift):
         all three values occur when the channel has >= 3 distinct values). Returns how many
         channels moved."""
         flat = flat.to(self.threshold)
-        half = self.half_width.detach().abs().clamp_min(MIN_HALF_WIDTH).reshape(-1, 1)
         centre = self.threshold.detach().reshape(-1, 1)
-        u = (flat - centre) * (0.5 / half)
+        u = (flat - centre) * self.scale().detach().reshape(-1, 1)
         degenerate = ~((u < -0.5).any(1) & (u.abs() <= 0.5).any(1) & (u > 0.5).any(1))
         moved = 0
         for c in torch.nonzero(degenerate).flatten().tolist():
