@@ -173,6 +173,27 @@ class WeightDistribution(ABC):
     def variance(self, logits: Tensor) -> Tensor:
         return self.moments(logits)[1]
 
+    def log_probabilities(self, logits: Tensor) -> Tensor:
+        """log p[k, ...], computed without forming p where the parameterization allows."""
+        p = self.probabilities(logits)
+        return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+
+    @abstractmethod
+    def logits_from_log_probabilities(self, log_p: Tensor) -> Tensor:
+        """Logits of the distribution p_k = exp(log_p[k]) / sum_j exp(log_p[j]) (log_p may
+        be unnormalized: every parameterization here ignores a common additive constant)."""
+
+    def sharpen(self, logits: Tensor, gain: float) -> Tensor:
+        """Logits of the tempered distribution p_k^g / sum_j p_j^g, g = `gain` >= 1.
+
+        Same mode, lower entropy for g > 1 (dH/dg = -g Var(log p) under the tempered
+        distribution); g -> inf: deterministic at the mode. For binary it is theta * g; for ternary b * g and a recomputed, since scaling
+        Shayer's two logits directly can move the mode.
+        """
+        if not gain > 0:
+            raise ValueError(f"sharpening gain must be > 0, got {gain}")
+        return self.logits_from_log_probabilities(gain * self.log_probabilities(logits))
+
     def mode(self, logits: Tensor) -> Tensor:
         """Most probable value of each weight (ties resolve to the smaller value)."""
         p = self.probabilities(logits)
@@ -350,6 +371,12 @@ class BinaryDistribution(WeightDistribution):
     def probabilities(self, logits):
         return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)])
 
+    def log_probabilities(self, logits):
+        return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)])
+
+    def logits_from_log_probabilities(self, log_p):
+        return log_p[1] - log_p[0]
+
     def moments(self, logits):
         return _BinaryMoments.apply(logits, None)
 
@@ -408,6 +435,16 @@ class TernaryDistribution(WeightDistribution):
         p_nonzero = torch.sigmoid(-a)
         return torch.stack([p_nonzero * torch.sigmoid(-b), p_zero, p_nonzero * torch.sigmoid(b)])
 
+    def log_probabilities(self, logits):
+        a, b = logits[0], logits[1]
+        log_nonzero = F.logsigmoid(-a)
+        return torch.stack([log_nonzero + F.logsigmoid(-b), F.logsigmoid(a),
+                            log_nonzero + F.logsigmoid(b)])
+
+    def logits_from_log_probabilities(self, log_p):
+        # a = log p0 - log(p- + p+), b = log p+ - log p-
+        return torch.stack([log_p[1] - torch.logaddexp(log_p[0], log_p[2]), log_p[2] - log_p[0]])
+
     def moments(self, logits):
         return _TernaryMoments.apply(logits, None)
 
@@ -442,6 +479,12 @@ class CategoricalDistribution(WeightDistribution):
 
     def probabilities(self, logits):
         return torch.softmax(logits, dim=0)
+
+    def log_probabilities(self, logits):
+        return torch.log_softmax(logits, dim=0)
+
+    def logits_from_log_probabilities(self, log_p):
+        return log_p - log_p.mean(0, keepdim=True)
 
     def regularizer(self, logits):
         return logits.square().sum()

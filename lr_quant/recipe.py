@@ -277,11 +277,17 @@ class InitConfig:
     p_max: float = DEFAULT_P_MAX
     eps: float = DEFAULT_EPS       # sqrt(v + eps) of the LR sample
     seed: int = 0                  # scratch initialization draw
+    # Noise-calibrated sharpening (lr_quant.sharpness): after conversion, temper each LR
+    # layer's distributions until its median channel SNR Var(m) / E[v] on a training
+    # batch reaches this value (None: Shayer's init as is).
+    target_snr: Optional[float] = None
 
     def __post_init__(self):
         check_probability_bounds(self.p_min, self.p_max)
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.target_snr is not None and not self.target_snr > 0:
+            raise ValueError(f"target_snr must be > 0 (or null), got {self.target_snr}")
 
 
 @dataclass

@@ -308,3 +308,34 @@ def test_scaled_moments_equal_the_composition_and_pass_gradcheck(dist):
     assert torch.autograd.gradcheck(lambda l, s: dist.scaled_moments(l, s), (small, scale))
     # without a scale it is the plain moments
     torch.testing.assert_close(dist.scaled_moments(logits, None), dist.moments(logits))
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS, ids=IDS)
+@pytest.mark.parametrize("gain", [1.0, 2.5, 40.0])
+def test_sharpen_is_the_tempered_distribution(dist, gain):
+    """sharpen(logits, g) has probabilities p_k^g / sum_j p_j^g (oracle: the power of the
+    enumerated probabilities), the same mode and no more entropy (dH/dg = -g Var(log p)
+    under the tempered distribution; the variance can grow when two values tie)."""
+    torch.manual_seed(3)
+    logits = random_logits(dist, shape=(40,))
+    p = dist.probabilities(logits)
+    expected = p.pow(gain) / p.pow(gain).sum(0, keepdim=True)
+    sharpened = dist.sharpen(logits, gain)
+    assert sharpened.shape == logits.shape
+    torch.testing.assert_close(dist.probabilities(sharpened), expected)
+    assert torch.equal(dist.mode(sharpened), dist.mode(logits))
+    assert (dist.entropy(sharpened) <= dist.entropy(logits) + 1e-12).all()
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS, ids=IDS)
+def test_log_probabilities_round_trip(dist):
+    logits = random_logits(dist)
+    log_p = dist.log_probabilities(logits)
+    torch.testing.assert_close(log_p.exp(), dist.probabilities(logits))
+    back = dist.logits_from_log_probabilities(log_p + 0.7)   # unnormalized is fine
+    torch.testing.assert_close(dist.probabilities(back), dist.probabilities(logits))
+
+
+def test_sharpen_rejects_non_positive_gain():
+    with pytest.raises(ValueError, match="gain must be > 0"):
+        BinaryDistribution().sharpen(torch.zeros(3), 0.0)

@@ -39,7 +39,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["LinearOp", "lr_moments", "lr_sample", "DEFAULT_EPS"]
+__all__ = ["LinearOp", "lr_moments", "lr_sample", "preactivation_snr", "DEFAULT_EPS"]
 
 LinearOp = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
@@ -121,3 +121,25 @@ def lr_sample(
     elif noise.shape != mean.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != mean shape {tuple(mean.shape)}")
     return torch.addcmul(mean.to(compute_dtype), std, noise).to(mean.dtype)
+
+
+def preactivation_snr(mean: Tensor, var: Tensor, channel_dim: int = 1) -> Tensor:
+    """Signal-to-noise ratio of LR pre-activations, per output channel:
+
+        snr_c = Var_{n, positions}(m_c) / E_{n, positions}[v_c]
+
+    The numerator is how much the noise-free pre-activation varies across inputs (what
+    carries information, and what a following BatchNorm scales to unit variance); the
+    denominator is the mean local-reparameterization noise variance. snr_c << 1 means the
+    channel's sampled output is mostly noise (a BatchNorm after it normalizes noise).
+    `mean` and `var` are (batch, ..., channels at `channel_dim`, ...) tensors.
+    """
+    if mean.shape != var.shape:
+        raise ValueError(f"mean and variance shapes differ: {tuple(mean.shape)} vs "
+                         f"{tuple(var.shape)}")
+    dim = channel_dim % mean.dim()
+    m = mean.movedim(dim, 0).reshape(mean.shape[dim], -1).double()
+    v = var.movedim(dim, 0).reshape(var.shape[dim], -1).double()
+    if m.shape[1] < 2:
+        raise ValueError("the SNR needs at least two samples per channel")
+    return m.var(dim=1) / v.mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)

@@ -165,6 +165,21 @@ class LRWeightMixin:
             return self.weight_logits.new_tensor(value_sq)
         return (scale * scale).reshape(-1) * value_sq
 
+    def preactivation_moments(self, x: Tensor, logits: Optional[Tensor] = None
+                              ) -> Tuple[Tensor, Tensor]:
+        """(m, v) of the pre-activation (bias left out) for a deterministic input x, with
+        this layer's logits or `logits` (e.g. a sharpened copy)."""
+        logits = self.weight_logits if logits is None else logits
+        weight_mean, weight_var = self.lr_distribution.scaled_moments(logits, self.lr_scale())
+        return lr_moments(super().inner_forward_impl, x, weight_mean, weight_var)
+
+    @torch.no_grad()
+    def sharpen_(self, gain: float) -> None:
+        """Temper the weight distributions in place (p_k^gain, same mode; see
+        WeightDistribution.sharpen)."""
+        self.weight_logits.copy_(self.lr_distribution.sharpen(self.weight_logits, gain))
+        self.materialize_weight()
+
     def lr_regularizer(self) -> Tensor:
         """The distribution's regularizer on this layer's logits (beta / probability decay)."""
         return self.lr_distribution.regularizer(self.weight_logits)

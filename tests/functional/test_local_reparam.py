@@ -143,3 +143,36 @@ def test_shape_errors():
                    x_var=torch.rand(2, 4))
     with pytest.raises(ValueError, match="noise shape"):
         lr_sample(torch.zeros(3), torch.ones(3), noise=torch.zeros(4))
+
+
+def test_preactivation_snr_matches_monte_carlo_law_of_total_variance():
+    """Sampled outputs z = m + sqrt(v) e have Var(z_c) = Var(m_c) + E[v_c] per channel
+    (law of total variance), so Var(m_c) / (Var(z_c) - Var(m_c)) estimates the SNR."""
+    from lr_quant.functional import preactivation_snr
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 6, 5, 5, dtype=torch.float64)
+    w_mean = torch.randn(4, 6, 3, 3, dtype=torch.float64) * 0.3
+    w_var = torch.rand(4, 6, 3, 3, dtype=torch.float64) * torch.tensor([0.01, 0.1, 1.0, 3.0],
+                                                                       dtype=torch.float64).view(4, 1, 1, 1)
+    op = lambda inp, w, b: F.conv2d(inp, w, b, padding=1)   # noqa: E731
+    mean, var = lr_moments(op, x, w_mean, w_var)
+    snr = preactivation_snr(mean, var, channel_dim=1)
+    draws = torch.stack([lr_sample(mean, var, eps=0.0) for _ in range(400)])   # (S, N, C, H, W)
+    total = draws.transpose(0, 2).reshape(4, -1).var(dim=1)
+    signal = mean.transpose(0, 1).reshape(4, -1).var(dim=1)
+    torch.testing.assert_close(snr, signal / (total - signal), rtol=0.05, atol=0)
+    assert snr[0] > snr[1] > snr[2] > snr[3]
+
+
+def test_preactivation_snr_channel_dim_and_bad_input():
+    from lr_quant.functional import preactivation_snr
+
+    mean = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    var = torch.tensor([[0.5, 1.0], [1.5, 1.0]])
+    torch.testing.assert_close(preactivation_snr(mean, var, channel_dim=-1),
+                               torch.tensor([2.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="shapes differ"):
+        preactivation_snr(mean, var[:, :1])
+    with pytest.raises(ValueError, match="two samples"):
+        preactivation_snr(mean[:1], var[:1], channel_dim=-1)
