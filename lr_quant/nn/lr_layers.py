@@ -87,6 +87,10 @@ class LRWeightMixin:
         # In training, also hand the Gaussian moments (m, v) downstream as a MomentTensor
         # (its data is the sample), for a stochastic sign activation in moment mode.
         self.lr_output_moments = bool(output_moments)
+        # lambda in z = m + lambda sqrt(v + eps) e (and the variance handed on, lambda^2 v):
+        # a training schedule anneals it toward 0 so that the network trained at the end
+        # is the deterministic one that is deployed (set by the Trainer every step).
+        self.lr_noise_scale = 1.0
         # validates the bounds too (raises on bad p_min / p_max)
         logits = self.lr_distribution.init_logits(self.weight.detach(), p_min, p_max)
         self.weight_logits = nn.Parameter(logits)
@@ -259,6 +263,8 @@ class LRWeightMixin:
         sq = self._weight_sq_per_output(scale) if x_var is not None else None
         mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, bias, x_var=x_var,
                                weight_sq_per_output=sq)
+        if self.lr_noise_scale != 1.0:
+            var = var * (self.lr_noise_scale ** 2)
         sample = lr_sample(mean, var, self.lr_eps)
         if self.lr_output_moments:
             return MomentTensor.from_moments(mean, var, sample=sample, validate=False)
