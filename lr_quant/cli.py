@@ -201,10 +201,19 @@ def _cmd_eval(args) -> int:
                           dataclasses.replace(recipe.data, root=args.data_root),
                           recipe.train.val_fraction, recipe.train.seed)
     result = evaluate(model, getattr(data, args.split), recipe.train.eval_batch_size)
-    frozen = "frozen" if meta.get("frozen") else "not frozen: LR mode weights"
     print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split,
-                      "network": frozen, **result}, indent=2))
+                      "network": _network_label(model, meta), **result}, indent=2))
     return 0
+
+
+def _network_label(model, meta) -> str:
+    """What a checkpoint holds: the final (deployed) network or a training checkpoint."""
+    from .nn.lr_layers import lr_layers
+
+    if lr_layers(model):
+        return "frozen" if meta.get("frozen") else "not frozen: LR mode weights"
+    return ("final: trained weights, BN re-estimated (no LR layers)" if meta.get("frozen")
+            else "training checkpoint: BN statistics of training (no LR layers)")
 
 
 def _example_input(recipe, batch: int):

@@ -54,11 +54,11 @@ from brevitas.graph.quantize import layerwise_quantize
 from brevitas.nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from brevitas.nn.mixin.act import QuantInputMixin
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
-from brevitas.quant_tensor import QuantTensor
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ._tensor import as_tensor
 from .moments import split_moments
 from .nn.lr_layers import LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear, LRWeightMixin
 from .quant.threshold import ThresholdShift, attach_threshold
@@ -714,9 +714,7 @@ def _drop_activations(model: nn.Module, trace: _Trace, sign_layers: set,
 
 
 def _plain(x):
-    if isinstance(x, QuantTensor):
-        x = x.value
-    mean, _ = split_moments(x)
+    mean, _ = split_moments(as_tensor(x))
     return mean.as_subclass(Tensor) if type(mean) is not Tensor else mean
 
 

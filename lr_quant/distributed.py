@@ -4,9 +4,9 @@
 LOCAL_RANK; `init_distributed()` then joins the process group (NCCL on GPUs, gloo on
 CPUs). Without those variables everything runs in one process.
 
-Conventions (lr_quant.train): the global batch `train.batch_size` is split evenly over
-the ranks; every rank draws its own LR / sign noise (torch seeded with seed + rank), so
-ranks sample independent networks; metrics are all-reduced sums; only rank 0 writes
+Conventions (lr_quant.train.trainer): the global batch `train.batch_size` is split evenly
+over the ranks; every rank draws its own LR / sign noise (torch seeded with seed + rank),
+so ranks sample independent networks; metrics are all-reduced sums; only rank 0 writes
 checkpoints, logs and plots.
 """
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .models import create_model, save_weights
-from .train import FINAL_CHECKPOINT, Trainer
+from .train import Trainer
 from .train_config import TrainConfig
 
 __all__ = ["QuickstartConfig", "run_quickstart", "pretrain_fp", "load_run_recipe"]
@@ -62,7 +62,7 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(),
     """Run the quick start; returns the metrics (also written to <output>/metrics.json)."""
     from .export import export_qonnx
     from .summary import model_summary
-    from .train import build_datasets_for, format_metrics, load_trained_model, run_training
+    from .train import build_datasets_for, format_metrics, run_training
 
     t0 = time.time()
     out = Path(config.output_dir)
@@ -91,18 +91,19 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(),
 
     log(f"[2/4] converting with recipe {config.recipe!r} and fine-tuning the LR weight "
         f"distributions ({train_cfg.epochs} epochs)")
-    metrics = run_training(recipe, out, log=lambda m: log("      " + m.replace("\n", "\n      ")),
-                           progress=config.progress)
+    result = run_training(recipe, out, log=lambda m: log("      " + m.replace("\n", "\n      ")),
+                          progress=config.progress)
+    metrics = result.metrics
 
     log(f"[3/4] freezing done (kept: {metrics['selected_network']}); exporting QONNX")
-    model, _, _ = load_trained_model(out / FINAL_CHECKPOINT)
+    model = result.model.cpu()   # the deployed network (final.safetensors)
     batch = 16
     example = torch.stack([data.test[i][0] for i in range(batch)])
     onnx_path = out / f"{model_name}_lr.onnx"
     checks = [torch.stack([data.test[i][0] for i in range(k, k + batch)])
               for k in range(0, 4 * batch, batch)]
-    result = export_qonnx(model, example, onnx_path, require_frozen=True, check_inputs=checks)
-    metrics["qonnx_max_abs_error"] = float(result.max_abs_error)
+    exported = export_qonnx(model, example, onnx_path, require_frozen=True, check_inputs=checks)
+    metrics["qonnx_max_abs_error"] = float(exported.max_abs_error)
     metrics["onnx"] = str(onnx_path)
     log(f"[4/4] {onnx_path} verified by qonnx on {len(checks) * batch} test images: max abs "
         f"error {metrics['qonnx_max_abs_error']:.2e}")

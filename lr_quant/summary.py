@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ._tensor import as_tensor
 from .nn.lr_layers import LRWeightMixin
 
 __all__ = ["LayerRow", "Summary", "model_summary"]
@@ -127,7 +128,7 @@ def _input_bits(module: nn.Module, x) -> int:
     bit_width = getattr(x, "bit_width", None)
     if bit_width is not None:
         return int(round(float(bit_width)))
-    x = getattr(x, "value", x)
+    x = as_tensor(x)
     if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
         if bool(((x == 1) | (x == -1)).all()):
             return 1
@@ -186,7 +187,7 @@ def model_summary(model: nn.Module, example_input: Tensor) -> Summary:
 
     def hook(name):
         def fn(module, inputs, output):
-            out = getattr(output, "value", output)
+            out = as_tensor(output)
             if name not in records and isinstance(out, Tensor):
                 records[name] = {"input_bits": _input_bits(module, inputs[0]) if inputs else None,
                                  "macs": _macs(module, out)}

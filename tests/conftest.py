@@ -1,4 +1,5 @@
-"""Shared pytest configuration: deterministic seeds and a quiet, single-threaded torch."""
+"""Shared pytest configuration: deterministic seeds and a quiet, single-threaded torch;
+`fp_weights`, a tiny "pretrained" FP checkpoint for runs through `lr-quant train`."""
 
 import os
 import warnings
@@ -15,3 +16,17 @@ warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def fp_weights(tmp_path_factory):
+    """A randomly initialized timm resnet10t (10 classes) saved as the FP weight file that
+    recipes load with model.checkpoint (no hub download)."""
+    import timm
+
+    from lr_quant.models import save_weights
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fp") / "resnet10t_fp.safetensors"
+    save_weights(timm.create_model("resnet10t", num_classes=10), path)
+    return path

@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 from lr_quant.checkpoint import save_checkpoint
 from lr_quant.cli import build_parser, main, parse_value, resolve_recipe
-from lr_quant.models import save_weights
 
 
 # subprocesses import this checkout (not whatever lr_quant the environment points at)
@@ -81,14 +79,6 @@ def test_corrupt_checkpoint_and_foreign_checkpoint(tmp_path, capsys):
     other = save_checkpoint(tmp_path / "other.safetensors", torch.nn.Linear(2, 2), {"x": 1})
     rc, _, err = run(["export", other], capsys)
     assert rc == 2 and "does not record its recipe" in err
-
-
-@pytest.fixture(scope="module")
-def fp_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("fp") / "resnet10t_fp.safetensors"
-    save_weights(timm.create_model("resnet10t", num_classes=10), path)
-    return path
 
 
 TINY = ["-c", "quickstart", "--train.epochs", "2", "--data.train_fraction", "0.15",

@@ -42,7 +42,7 @@ def test_w1a1_resnet_fine_tunes_within_a_few_points_of_fp(tmp_path, quantizer, a
     checkpoint = pretrain_fp("resnet10t", build_datasets_for(base), 3, tmp_path / "fp.safetensors",
                              progress=False, log=lambda *_: None)
     metrics = run_training(w1a1_recipe(checkpoint, quantizer=quantizer), tmp_path / "run",
-                           progress=False, log=lambda *_: None)
+                           progress=False, log=lambda *_: None).metrics
     fp = metrics["fp_test_accuracy"]
     frozen = metrics["frozen_test_accuracy"]
     assert fp > 0.95

@@ -36,9 +36,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from brevitas.nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
-from brevitas.quant_tensor import QuantTensor
 from torch import Tensor, nn
 
+from .._tensor import as_tensor
 from ..distributions import DEFAULT_P_MAX, DEFAULT_P_MIN, WeightDistribution
 from ..functional import DEFAULT_EPS, lr_moments, lr_sample
 from ..moments import MomentTensor, split_moments
@@ -56,10 +56,6 @@ __all__ = [
 ]
 
 _FROZEN_KEY = "lr_frozen"
-
-
-def _value(x):
-    return x.value if isinstance(x, QuantTensor) else x
 
 
 class LRWeightMixin:
@@ -252,7 +248,7 @@ class LRWeightMixin:
         if not self._lr_training_forward():
             return super().forward_impl(inp)
         quant_input = self.input_quant(self.unpack_input(inp))
-        output = self.lr_preactivation(_value(quant_input), self.bias)
+        output = self.lr_preactivation(as_tensor(quant_input), self.bias)
         return self.pack_output(self.output_quant(output))
 
     def lr_preactivation(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:

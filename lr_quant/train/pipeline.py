@@ -1,0 +1,182 @@
+"""Recipe-level entry points (what `lr-quant train / eval / export` and the quick start call).
+
+    result = run_training(recipe, "runs/x")   # data -> FP model -> convert -> fit -> finalize
+    result.model, result.metrics              # the deployed network and its accuracies
+    model, recipe, meta = load_trained_model("runs/x/final.safetensors")
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_state
+from ..data import Datasets
+from ..distributed import DistInfo
+from ..nn.lr_layers import lr_layers
+from ._util import seed_everything
+from .evaluation import evaluate
+from .trainer import LAST_CHECKPOINT, Trainer
+
+__all__ = ["TrainingResult", "run_training", "build_float_model", "build_datasets_for",
+           "format_metrics", "load_trained_model"]
+
+
+@dataclass
+class TrainingResult:
+    """What `run_training` returns.
+
+    model: the trained model on the training device, in eval(): the deployed network
+        (the one saved as final.safetensors) once training finished; the model as it
+        stands (not frozen) when `stop_after_steps` stopped it early.
+    metrics: the accuracies of `Trainer.finalize` (also metrics.json); empty when stopped
+        early.
+    recipe: the recipe that was run. data: its data sets (train / val / test).
+    """
+    model: nn.Module
+    metrics: Dict[str, Any]
+    recipe: Any
+    data: Datasets
+
+
+def _image_batch(dataset: Dataset, n: int, offset: int = 0) -> Tensor:
+    n = min(n, len(dataset) - offset)
+    return torch.stack([torch.as_tensor(dataset[offset + i][0]) for i in range(n)])
+
+
+def build_float_model(recipe, num_classes: int, pretrained=None) -> nn.Module:
+    """The recipe's timm model with its pretrained FP weights (model.checkpoint: a local
+    file; model.pretrained: the hub). `pretrained=False` forces a random init."""
+    from ..models import ModelError, create_model
+
+    m = recipe.model
+    if not m.name:
+        raise ModelError("the recipe names no model: set model.name (e.g. --model.name resnet10t)")
+    if pretrained is None:
+        pretrained = m.checkpoint or m.pretrained
+    kwargs = dict(m.kwargs)
+    if m.in_chans:
+        kwargs["in_chans"] = m.in_chans
+    return create_model(m.name, num_classes, pretrained=pretrained, **kwargs)
+
+
+def _num_classes(recipe, data: Datasets) -> int:
+    n = recipe.model.num_classes
+    if n is not None and n != data.num_classes:
+        raise ValueError(f"model.num_classes={n} but the data set {recipe.data.dataset!r} has "
+                         f"{data.num_classes} classes")
+    return data.num_classes
+
+
+def run_training(recipe, output_dir, resume=None, log: Callable[[str], None] = print,
+                 progress: bool = True, stop_after_steps: Optional[int] = None,
+                 info: Optional[DistInfo] = None) -> TrainingResult:
+    """Fine-tune the recipe's model from its pretrained FP weights, end to end.
+
+    data -> FP model (teacher) -> convert -> calibrate sign thresholds -> Trainer.fit ->
+    Trainer.finalize. Writes recipe.yaml, checkpoint.safetensors, final.safetensors,
+    history.csv/json, curves.png and metrics.json to `output_dir` (rank 0). `resume`: a
+    checkpoint path, or "auto" for output_dir/checkpoint.safetensors if it exists.
+    Returns a `TrainingResult` (metrics empty if stopped early by `stop_after_steps`).
+    """
+    from ..convert import calibrate_thresholds, convert_with_report
+    from ..distributed import init_distributed
+    from ..models import architecture_of
+
+    info = info or init_distributed()
+    out = Path(output_dir)
+    cfg = recipe.train
+    if resume == "auto":
+        resume = out / LAST_CHECKPOINT if (out / LAST_CHECKPOINT).exists() else None
+    seed_everything(cfg.seed)
+    data = build_datasets_for(recipe)
+    num_classes = _num_classes(recipe, data)
+    fp_model = build_float_model(recipe, num_classes)
+    teacher = copy.deepcopy(fp_model).eval()
+    model, report = convert_with_report(fp_model, recipe)
+    if info.is_main:
+        log(str(report))
+    calibrate_thresholds(model, _image_batch(data.train, 64))
+    baseline = {}
+    if resume is None:
+        baseline = {"fp_test_accuracy": evaluate(teacher, data.test, cfg.eval_batch_size,
+                                                 info)["accuracy"],
+                    "converted_test_accuracy": evaluate(model, data.test, cfg.eval_batch_size,
+                                                        info)["accuracy"]}
+        log(f"FP {recipe.model.name} test accuracy {baseline['fp_test_accuracy']:.3f}; "
+            f"{_converted_label(bool(lr_layers(model)))} {baseline['converted_test_accuracy']:.3f}")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    meta = {"model": recipe.model.name, "num_classes": num_classes,
+            "architecture": architecture_of(teacher), "recipe": recipe.to_dict(),
+            "baseline": baseline}
+    trainer = Trainer(model, cfg, data, teacher=teacher, output_dir=out, meta=meta, info=info,
+                      log=log, progress=progress, num_workers=recipe.data.num_workers)
+    if resume is not None:
+        trainer.resume(resume)
+        baseline = trainer.resumed_meta.get("baseline") or baseline
+    trainer.fit(stop_after_steps=stop_after_steps)
+    metrics = {}
+    if trainer.state.epoch >= cfg.epochs:
+        metrics = trainer.finalize(baseline)
+        log(format_metrics(metrics))
+    trainer.model.eval()
+    return TrainingResult(model=trainer.model, metrics=metrics, recipe=recipe, data=data)
+
+
+def build_datasets_for(recipe) -> Datasets:
+    """The recipe's data sets, with the validation split of its train: section."""
+    from ..data import build_datasets
+    return build_datasets(recipe.data, recipe.train.val_fraction, recipe.train.seed)
+
+
+def _converted_label(lr: bool) -> str:
+    return "LR at conversion (mode)" if lr else "quantized at conversion"
+
+
+def format_metrics(metrics: Dict[str, Any]) -> str:
+    """The test accuracies of `Trainer.finalize` (with validation ones), one per line."""
+    lr = "trained_test_accuracy" not in metrics   # written for models without LR layers
+    names = [("fp_test_accuracy", "full precision (teacher)"),
+             ("converted_test_accuracy", _converted_label(lr)),
+             ("lr_mode_test_accuracy", "LR trained, mode, training BN stats"),
+             ("trained_test_accuracy", "trained, training BN stats"),
+             ("frozen_test_accuracy", "frozen (mode), BN re-estimated" if lr
+              else "trained, BN re-estimated"),
+             ("sampled_best_test_accuracy", "best sampled network (chosen on val)")]
+    lines = ["test accuracy:"]
+    for key, label in names:
+        if key in metrics:
+            val = metrics.get(key.replace("test", "val"))
+            lines.append(f"  {label:40s} {metrics[key]:.4f}"
+                         + (f"   (val {val:.4f})" if isinstance(val, float) else ""))
+    if "selected_network" in metrics:
+        lines.append(f"  kept network: {metrics['selected_network']}")
+    return "\n".join(lines)
+
+
+def load_trained_model(path) -> Tuple[nn.Module, Any, Dict[str, Any]]:
+    """(model, recipe, meta) from a checkpoint written by training (final or not), in eval().
+
+    The model is rebuilt from the recipe stored in the checkpoint (build_float_model
+    without pretrained weights, then convert) and loaded with the checkpoint's state."""
+    from ..convert import convert
+    from ..recipe import Recipe
+
+    model_state, meta, _ = load_checkpoint(path)
+    if "recipe" not in meta or not isinstance(meta["recipe"], dict):
+        raise CheckpointError(f"{path} does not record its recipe; it was not written by "
+                              f"lr-quant train")
+    recipe = Recipe.from_dict(meta["recipe"])
+    model = build_float_model(recipe, meta["num_classes"], pretrained=False)
+    model = convert(model, recipe)
+    load_model_state(model, model_state, source=str(path))
+    model.eval()
+    return model, recipe, meta

@@ -1,0 +1,391 @@
+"""The fine-tuning loop: `Trainer`.
+
+    trainer = Trainer(lr_model, TrainConfig(...), datasets, teacher=fp_model, output_dir="run")
+    trainer.fit()                 # epochs of training, checkpoints, logs, curves
+    metrics = trainer.finalize()  # deployed network (frozen, BN re-estimated) + accuracies
+
+Each step minimizes the loss of lr_quant.train.losses (CE, KD from the teacher, LR
+regularizers) with the optimizer and per-step schedules of lr_quant.train.optim; logits
+are clamped to +-logit_clamp after every step. On CPU, subnormal floats are flushed to
+zero while fitting (``flush_denormal``).
+
+`finalize` builds the deployed network and reports its accuracies (metric names in
+lr_quant.train.selection): fp_* (the FP teacher) and converted_* (right after conversion)
+come from `baseline`; LR models report lr_mode_*, frozen_*, sampled_*; models without LR
+layers trained_* and frozen_*; all report selected_network and final_test_accuracy.
+
+Data order: epoch e visits a permutation drawn from a generator seeded with (seed, e), in
+global batches of `batch_size` (last partial batch dropped); under DDP rank r takes every
+world_size-th sample of each global batch. Resuming re-creates the permutation and skips
+the batches already done, and restores the torch / numpy / python RNG states (per rank),
+so a resumed CPU run reproduces the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from .._tensor import as_tensor
+from ..checkpoint import (CheckpointError, atomic_write_text, capture_rng_state, load_checkpoint,
+                          load_model_state, restore_rng_state, save_checkpoint)
+from ..data import Datasets
+from ..distributed import DistInfo, all_reduce_sum
+from ..nn.lr_layers import lr_layers
+from ..quant.activation import sign_quant_modules
+from ..train_config import TrainConfig
+from ._util import seed_everything
+from .evaluation import evaluate, fixed_batches
+from .losses import distillation_loss, regularization
+from .optim import build_optimizer, lr_lambda, make_schedule
+from .plots import write_history
+from .selection import deploy, select_network
+
+__all__ = ["Trainer", "NonFiniteLossError", "LAST_CHECKPOINT", "FINAL_CHECKPOINT"]
+
+LAST_CHECKPOINT = "checkpoint.safetensors"
+FINAL_CHECKPOINT = "final.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped (the last checkpoint is kept)."""
+
+
+@dataclass
+class _State:
+    epoch: int = 0            # current epoch (0-based)
+    step_in_epoch: int = 0    # optimizer steps done in the current epoch
+    global_step: int = 0
+    history: List[Dict[str, float]] = field(default_factory=list)
+    # running sums of the current epoch (loss_sum, correct, count), for resume
+    running: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    epoch_start_time: float = 0.0
+
+
+class Trainer:
+    """Fine-tunes `model` (an LR model, or any other quantized or float model) with `config`
+    on `data`.
+
+    Args:
+        model: the converted model (moved to `info.device`; wrapped in DDP when distributed).
+        config: TrainConfig.
+        data: Datasets (train / val / test).
+        teacher: the FP model before conversion (KD when config.kd_weight > 0, and the FP
+            accuracy in the report).
+        output_dir: where checkpoints, history.csv/json, curves.png and metrics.json go
+            (rank 0 only); None writes nothing.
+        meta: JSON-able facts stored in every checkpoint (model name, recipe, ...).
+        info: distributed context (lr_quant.distributed.init_distributed()).
+        log: per-epoch line printer; progress: tqdm bars.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, data: Datasets,
+                 teacher: Optional[nn.Module] = None, output_dir=None,
+                 meta: Optional[Dict[str, Any]] = None, info: DistInfo = DistInfo(),
+                 log: Callable[[str], None] = print, progress: bool = True,
+                 num_workers: int = 0):
+        self.config = config
+        self.data = data
+        self.info = info
+        self.log = log if info.is_main else (lambda *_: None)
+        self.progress = progress and info.is_main
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.meta = dict(meta or {})
+        self.num_workers = num_workers
+        self.model = model.to(info.device)
+        self.teacher = teacher.to(info.device).eval() if teacher is not None else None
+        if self.teacher is not None:
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        if config.batch_size % info.world_size:
+            raise ValueError(f"train.batch_size={config.batch_size} must be divisible by the "
+                             f"number of processes ({info.world_size})")
+        self.steps_per_epoch = len(data.train) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training split has {len(data.train)} samples, fewer than "
+                             f"one batch of {config.batch_size}")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.state = _State()
+        seed_everything(config.seed + info.rank)   # independent LR / sign noise per rank
+        self.ddp = None   # the DDP wrapper, built when training starts
+        self._build_optimizer()
+        self.temperature = make_schedule(config.sign_temperature, self.total_steps)
+        self.noise_std = make_schedule(config.sign_noise_std, self.total_steps)
+        self.has_lr_layers = bool(lr_layers(self.model))
+
+    def _build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.config, self.steps_per_epoch))
+
+    def _wrap(self) -> nn.Module:
+        if self.ddp is None:
+            self.ddp = self.model
+            if self.info.distributed:
+                self.ddp = nn.parallel.DistributedDataParallel(
+                    self.model,
+                    device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None)
+        return self.ddp
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return self.output_dir / LAST_CHECKPOINT if self.output_dir else None
+
+    def _training_state(self) -> Dict[str, Any]:
+        rng = capture_rng_state()
+        if self.info.distributed:
+            gathered = [None] * self.info.world_size
+            dist.all_gather_object(gathered, rng)
+            rng_per_rank = gathered
+        else:
+            rng_per_rank = [rng]
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng_per_rank": rng_per_rank}
+
+    def _meta(self, **extra) -> Dict[str, Any]:
+        s = self.state
+        return {**self.meta, "epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
+                "global_step": s.global_step, "history": s.history, "running": s.running,
+                "world_size": self.info.world_size, "train": asdict(self.config), **extra}
+
+    def save(self, path: Optional[Path] = None, **extra) -> Optional[Path]:
+        """Checkpoint the training state (rank 0 writes; all ranks must call it)."""
+        state = self._training_state()   # collective under DDP
+        with torch.no_grad():   # store the current mode as the materialized weight
+            for _, layer in lr_layers(self.model):
+                if not layer.is_lr_frozen:
+                    layer.materialize_weight()
+        path = path or self.checkpoint_path
+        if path is None or not self.info.is_main:
+            return path
+        return save_checkpoint(path, self.model, self._meta(**extra), state)
+
+    def resume(self, path) -> None:
+        """Continue from a checkpoint written by `save` (same model, recipe and data)."""
+        model_state, meta, state = load_checkpoint(path)
+        self.resumed_meta = meta
+        arch = self.meta.get("architecture")
+        load_model_state(self.model, model_state, source=str(path),
+                         architecture=meta.get("architecture"), expected_architecture=arch)
+        if meta.get("frozen"):
+            raise CheckpointError(f"{path} holds a frozen (final) network; resume from "
+                                  f"{LAST_CHECKPOINT}, or evaluate / export it instead")
+        # Loading may replace parameter objects (Brevitas re-initializes activation proxies
+        # on load, with their threshold parameters): build the optimizer on the loaded model.
+        self._build_optimizer()
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from e
+        self.state = _State(epoch=meta["epoch"], step_in_epoch=meta["step_in_epoch"],
+                            global_step=meta["global_step"], history=meta["history"],
+                            running=meta.get("running", [0.0, 0.0, 0.0]),
+                            epoch_start_time=time.time())
+        rngs = state["rng_per_rank"]
+        if len(rngs) == self.info.world_size:
+            restore_rng_state(rngs[self.info.rank])
+        else:   # another number of processes: fresh, distinct noise per rank
+            seed_everything(self.config.seed + self.info.rank + 7919 * self.state.global_step)
+        self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, step "
+                 f"{self.state.global_step}/{self.total_steps}")
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int) -> List[List[int]]:
+        """This rank's index lists for every global batch of `epoch`."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.data.train), generator=g).tolist()
+        b, r, w = self.config.batch_size, self.info.rank, self.info.world_size
+        return [order[k * b:(k + 1) * b][r::w] for k in range(self.steps_per_epoch)]
+
+    def _set_sign_schedules(self, step: int) -> None:
+        tau, sigma = self.temperature(step), self.noise_std(step)
+        for m in sign_quant_modules(self.model):
+            m.set_temperature(tau)
+            if not isinstance(m.noise_std, nn.Parameter):   # a learned sigma_a is trained
+                m.set_noise_std(sigma)
+
+    def _loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        cfg = self.config
+        amp = (torch.autocast(self.info.device.type, dtype=torch.bfloat16) if cfg.amp
+               else nullcontext())
+        with amp:
+            out = as_tensor(self.ddp(x)).float()
+            loss = F.cross_entropy(out, y)
+            if cfg.kd_weight > 0 and self.teacher is not None:
+                with torch.no_grad():
+                    target = as_tensor(self.teacher(x)).float()
+                loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * distillation_loss(
+                    out, target, cfg.kd_temperature)
+            reg = regularization(self.model, cfg.beta_regularizer, cfg.logit_decay)
+            if reg is not None:
+                loss = loss + reg
+        return loss, out
+
+    def _check_finite(self, loss: Tensor) -> None:
+        bad = 0.0 if torch.isfinite(loss).item() else 1.0
+        if self.info.distributed:
+            bad = all_reduce_sum([bad], self.info.device)[0]
+        if bad:
+            where = (f"epoch {self.state.epoch + 1}, step {self.state.global_step + 1}")
+            kept = (f"the last good checkpoint is {self.checkpoint_path}"
+                    if self.checkpoint_path and self.checkpoint_path.exists()
+                    else "no checkpoint was written yet")
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at {where}; training stopped ({kept}). Lower "
+                f"train.lr_logits / train.lr_params, set train.grad_clip, or check the data.")
+
+    def _train_epoch(self, stop_after_steps: Optional[int]) -> bool:
+        """Run the rest of the current epoch; False if stopped early by stop_after_steps."""
+        from tqdm.auto import tqdm
+
+        cfg, s = self.config, self.state
+        batches = self._epoch_batches(s.epoch)[s.step_in_epoch:]
+        loader = DataLoader(self.data.train, batch_sampler=batches, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(cfg.seed + s.epoch))
+        self.ddp.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=s.step_in_epoch, disable=not self.progress,
+                   desc=f"epoch {s.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        for x, y in loader:
+            x, y = x.to(self.info.device), y.to(self.info.device)
+            self._set_sign_schedules(s.global_step)
+            loss, out = self._loss(x, y)
+            self._check_finite(loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            if cfg.logit_clamp:
+                for _, layer in lr_layers(self.model):
+                    layer.clamp_logits_(cfg.logit_clamp)
+            s.running[0] += loss.item() * len(y)
+            s.running[1] += (out.argmax(1) == y).sum().item()
+            s.running[2] += len(y)
+            s.step_in_epoch += 1
+            s.global_step += 1
+            bar.update(1)
+            if s.global_step % max(1, cfg.log_every) == 0 or s.step_in_epoch == 1:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if cfg.checkpoint_every and s.global_step % cfg.checkpoint_every == 0:
+                self.save()
+            if stop_after_steps is not None and s.global_step >= stop_after_steps:
+                bar.close()
+                return False
+        bar.close()
+        return True
+
+    def _end_epoch(self) -> Dict[str, float]:
+        s, cfg = self.state, self.config
+        loss_sum, correct, count = all_reduce_sum(s.running, self.info.device)
+        val = self._validate()
+        row = {"epoch": s.epoch + 1, "step": s.global_step,
+               "lr_factor": self.scheduler.lr_lambdas[0](max(0, s.global_step - 1)),
+               "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+               "seconds": time.time() - s.epoch_start_time}
+        s.history.append(row)
+        self.log(f"epoch {row['epoch']:3d}/{cfg.epochs}  step {row['step']:6d}  "
+                 f"lr x{row['lr_factor']:.3f}  train loss {row['train_loss']:.4f} "
+                 f"acc {row['train_accuracy']:.3f}  val{' (frozen)' if cfg.val_frozen and self.has_lr_layers else ''} "
+                 f"loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}  ({row['seconds']:.1f} s)")
+        s.epoch += 1
+        s.step_in_epoch = 0
+        s.running = [0.0, 0.0, 0.0]
+        s.epoch_start_time = time.time()
+        self.write_logs()
+        return row
+
+    def _validate(self) -> Dict[str, float]:
+        """Validation loss / accuracy of the network training would deploy now: a frozen
+        copy (mode weights, BatchNorm re-estimated) with `val_frozen`, else the LR model in
+        eval() (mode weights with the BatchNorm statistics of stochastic training passes)."""
+        cfg = self.config
+        if not len(self.data.val):
+            return {"loss": float("nan"), "accuracy": float("nan")}
+        model = self.model
+        if self.has_lr_layers and cfg.val_frozen:
+            model = deploy(copy.deepcopy(self.model), self._bn_batches())
+        return evaluate(model, self.data.val, cfg.eval_batch_size, self.info)
+
+    def fit(self, resume=None, stop_after_steps: Optional[int] = None) -> List[Dict[str, float]]:
+        """Train to config.epochs (from a checkpoint with `resume`); returns the history.
+
+        stop_after_steps: stop (with a checkpoint) once that many optimizer steps are done
+        in total, as an interruption would; `fit(resume=...)` continues."""
+        if resume is not None:
+            self.resume(resume)
+        self._wrap()
+        self.state.epoch_start_time = time.time()
+        if self.output_dir and self.info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        flush = self.config.flush_denormal and self.info.device.type == "cpu" and \
+            torch.set_flush_denormal(True)   # False where the CPU does not support it
+        try:
+            while self.state.epoch < self.config.epochs:
+                finished = self._train_epoch(stop_after_steps)
+                if finished:
+                    self._end_epoch()
+                self.save()   # every epoch end, and where an interruption stopped
+                if not finished:
+                    self.log(f"stopped after {self.state.global_step} steps; resume with the "
+                             f"checkpoint {self.checkpoint_path}")
+                    break
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
+            # Release the DDP wrapper (rebuilt by the next fit): its reducer holds the
+            # process group, which must be destroyed while the interpreter is alive, not
+            # at exit (gloo aborted a rank in teardown: "terminate called without an
+            # active exception").
+            self.ddp = None
+        return self.state.history
+
+    # -- after training ----------------------------------------------------------------------
+    def _bn_batches(self) -> List[Tensor]:
+        """The fixed training batches (no augmentation) BatchNorm is re-estimated on."""
+        if getattr(self, "_bn_cache", None) is not None:
+            return self._bn_cache
+        cfg = self.config
+        batches = fixed_batches(self.data.train_eval or self.data.train, cfg.batch_size,
+                                cfg.bn_reestimate_batches, cfg.seed + 4242, self.info.device)
+        if sum(b.numel() for b in batches) * 4 < 2**28:   # keep small ones (< 256 MB)
+            self._bn_cache = batches
+        return batches
+
+    def finalize(self, baseline: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Build the deployed network and measure it (lr_quant.train.selection); returns
+        the accuracies. LR models: freeze, re-estimate BatchNorm, pick among sampled
+        networks; models without LR layers: re-estimate BatchNorm on the trained network.
+        The model is left as the selected network in eval(); rank 0 writes
+        final.safetensors and metrics.json to output_dir. `baseline`: metrics measured
+        before training (fp_*, converted_*) to include in the report."""
+        metrics = select_network(self.model, self.data, self.config, self._bn_batches(),
+                                 self.info, baseline, self.log)
+        if self.output_dir and self.info.is_main:
+            save_checkpoint(self.output_dir / FINAL_CHECKPOINT, self.model,
+                            {**self._meta(), "frozen": True, "metrics": metrics})
+            atomic_write_text(self.output_dir / "metrics.json", json.dumps(metrics, indent=2))
+        return metrics
+
+    # -- logs --------------------------------------------------------------------------------
+    def write_logs(self) -> None:
+        """history.csv, history.json and curves.png in output_dir (rank 0)."""
+        if not self.output_dir or not self.info.is_main or not self.state.history:
+            return
+        write_history(self.state.history, self.output_dir,
+                      "train (LR sample)" if self.has_lr_layers else "train")
