@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -170,6 +171,7 @@ def write_imagefolder(task: str, root, n_train: int = 4400, n_test: int = 1000,
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return root
     for split, n, s in (("train", n_train, seed), ("val", n_test, seed + 10_000)):
+        shutil.rmtree(root / split, ignore_errors=True)   # no stale images of another spec
         images, labels = draw(task, n, s)
         for k in range(10):
             (root / split / f"class_{k}").mkdir(parents=True, exist_ok=True)

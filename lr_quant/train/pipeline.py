@@ -79,7 +79,8 @@ def run_training(recipe, output_dir, resume=None, log: Callable[[str], None] = p
                  info: Optional[DistInfo] = None) -> TrainingResult:
     """Fine-tune the recipe's model from its pretrained FP weights, end to end.
 
-    data -> FP model (teacher) -> convert -> calibrate sign thresholds -> Trainer.fit ->
+    data -> FP model (teacher) -> convert -> sharpen the weight distributions
+    (init.target_snr) -> calibrate sign thresholds -> Trainer.fit ->
     Trainer.finalize. Writes recipe.yaml, checkpoint.safetensors, final.safetensors,
     history.csv/json, curves.png and metrics.json to `output_dir` (rank 0). `resume`: a
     checkpoint path, or "auto" for output_dir/checkpoint.safetensors if it exists.
@@ -88,6 +89,7 @@ def run_training(recipe, output_dir, resume=None, log: Callable[[str], None] = p
     from ..convert import calibrate_thresholds, convert_with_report
     from ..distributed import init_distributed
     from ..models import architecture_of
+    from ..sharpness import calibrate_sharpness
 
     info = info or init_distributed()
     out = Path(output_dir)
@@ -102,7 +104,15 @@ def run_training(recipe, output_dir, resume=None, log: Callable[[str], None] = p
     model, report = convert_with_report(fp_model, recipe)
     if info.is_main:
         log(str(report))
-    calibrate_thresholds(model, _image_batch(data.train, 64))
+    calibration = _image_batch(data.train, 64)
+    if recipe.init.target_snr and resume is None:   # a resumed run loads its logits
+        gains = calibrate_sharpness(model, calibration, recipe.init.target_snr)
+        if gains:
+            log(f"sharpened the weight distributions of {sum(g > 1 for g in gains.values())}"
+                f"/{len(gains)} LR layers to a median channel SNR >= "
+                f"{recipe.init.target_snr:g} (gains {min(gains.values()):g}-"
+                f"{max(gains.values()):g})")
+    calibrate_thresholds(model, calibration)
     baseline = {}
     if resume is None:
         baseline = {"fp_test_accuracy": evaluate(teacher, data.test, cfg.eval_batch_size,

@@ -122,6 +122,7 @@ class Trainer:
         self._build_optimizer()
         self.temperature = make_schedule(config.sign_temperature, self.total_steps)
         self.noise_std = make_schedule(config.sign_noise_std, self.total_steps)
+        self.sampling_noise = make_schedule(config.sampling_noise, self.total_steps)
         self.has_lr_layers = bool(lr_layers(self.model))
 
     def _build_optimizer(self) -> None:
@@ -211,12 +212,16 @@ class Trainer:
         b, r, w = self.config.batch_size, self.info.rank, self.info.world_size
         return [order[k * b:(k + 1) * b][r::w] for k in range(self.steps_per_epoch)]
 
-    def _set_sign_schedules(self, step: int) -> None:
+    def _set_schedules(self, step: int) -> None:
+        """Sign temperature and noise, and the LR sampling-noise scale, at `step`."""
         tau, sigma = self.temperature(step), self.noise_std(step)
         for m in sign_quant_modules(self.model):
             m.set_temperature(tau)
             if not isinstance(m.noise_std, nn.Parameter):   # a learned sigma_a is trained
                 m.set_noise_std(sigma)
+        noise_scale = self.sampling_noise(step)
+        for _, layer in lr_layers(self.model):
+            layer.lr_noise_scale = noise_scale
 
     def _loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
         cfg = self.config
@@ -261,7 +266,7 @@ class Trainer:
                    desc=f"epoch {s.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         for x, y in loader:
             x, y = x.to(self.info.device), y.to(self.info.device)
-            self._set_sign_schedules(s.global_step)
+            self._set_schedules(s.global_step)
             loss, out = self._loss(x, y)
             self._check_finite(loss)
             self.optimizer.zero_grad(set_to_none=True)

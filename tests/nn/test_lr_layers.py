@@ -330,6 +330,30 @@ def test_moment_tensor_input_and_output():
     assert not has_moments(layer(m_x))
 
 
+def test_noise_scale_multiplies_the_sampling_std_and_the_handed_on_variance():
+    """lr_noise_scale = lambda: with the same noise draw, z - m shrinks by lambda exactly and
+    the output moments carry lambda^2 v (oracle: the lambda = 1 forward and
+    reference_moments)."""
+    torch.manual_seed(0)
+    layer = LRQuantConv2d(3, 4, 3, padding=1, weight_quant=LRTernaryWeightPerChannelFloat,
+                          lr_output_moments=True).double()
+    with torch.no_grad():
+        layer.weight_logits.normal_(0, 1.5)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    layer.train()
+    torch.manual_seed(1)
+    full = layer(x)
+    layer.lr_noise_scale = 0.3
+    torch.manual_seed(1)
+    scaled = layer(x)
+    m_ref, v_ref = reference_moments(layer, x, lambda a, w, b: F.conv2d(a, w, b, padding=1))
+    torch.testing.assert_close(scaled.moment_mean, m_ref)
+    torch.testing.assert_close(scaled.moment_var, 0.09 * v_ref)
+    # z = m + lambda sqrt(v + eps) e: the same draw e, a std of lambda^2 v + lambda^2 eps
+    e = (full.plain() - m_ref) / torch.sqrt(v_ref + layer.lr_eps)
+    torch.testing.assert_close(scaled.plain(), m_ref + torch.sqrt(0.09 * v_ref + layer.lr_eps) * e)
+
+
 @pytest.mark.parametrize("quant", [LRBinaryWeightPerTensorConst, LRBinaryWeightPerChannelFloat,
                                    lr_weight_quant({"name": "categorical", "values": (-2, 2)},
                                                    per_channel_scale=True)],

@@ -43,3 +43,34 @@ def test_run_training_stopped_early_returns_the_unfinished_model(tmp_path, fp_we
     assert not is_frozen(result.model)
     assert not (tmp_path / "run" / FINAL_CHECKPOINT).exists()
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_run_training_sharpens_to_the_recipe_target_snr(tmp_path, fp_weights):
+    """init.target_snr: the logits training starts from are Shayer's conversion tempered per
+    layer by a gain of the grid (oracle: an independent conversion, sharpened by that gain;
+    lr_logits ~ 0 keeps one optimizer step from moving them)."""
+    from lr_quant.convert import convert
+    from lr_quant.nn import lr_layers
+    from lr_quant.sharpness import SHARPNESS_GAINS
+    from lr_quant.train import build_float_model
+
+    recipe = tiny_recipe(fp_weights).to_dict()
+    recipe["init"]["target_snr"] = 50.0
+    recipe["train"]["lr_logits"] = 1e-30
+    recipe = Recipe.from_dict(recipe)
+    lines = []
+    result = run_training(recipe, tmp_path / "run", log=lines.append, progress=False,
+                          stop_after_steps=1)
+    assert any(line.startswith("sharpened the weight distributions") for line in lines)
+    reference = convert(build_float_model(recipe, 10), recipe)
+    sharpened = 0
+    for (name, trained), (_, ref) in zip(lr_layers(result.model), lr_layers(reference)):
+        dist = ref.lr_distribution
+        base = ref.weight_logits.detach()
+        matches = [g for g in SHARPNESS_GAINS
+                   if torch.allclose(trained.weight_logits.detach(), dist.sharpen(base, g),
+                                     rtol=1e-5, atol=1e-5)]
+        assert matches, name
+        sharpened += matches[0] > 1
+        assert torch.equal(dist.mode(trained.weight_logits.detach()), dist.mode(base))
+    assert sharpened >= 1
