@@ -377,6 +377,11 @@ class BinaryDistribution(WeightDistribution):
     def logits_from_log_probabilities(self, log_p):
         return log_p[1] - log_p[0]
 
+    def sharpen(self, logits, gain):
+        if not gain > 0:
+            raise ValueError(f"sharpening gain must be > 0, got {gain}")
+        return logits * gain   # p^g / (p^g + (1-p)^g) = sigmoid(g theta)
+
     def moments(self, logits):
         return _BinaryMoments.apply(logits, None)
 

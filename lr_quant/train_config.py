@@ -71,10 +71,9 @@ class TrainConfig:
     val_frozen: bool = True          # per-epoch val of a frozen copy (mode, BN re-estimated)
     sign_temperature: ScheduleConfig = field(default_factory=ScheduleConfig)
     sign_noise_std: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(0.5, 0.5))
-    # lambda in z = m + lambda sqrt(v) e of every LR layer (and lambda^2 v handed on to a
-    # moment-mode sign): annealed toward 0, the network trained at the end is the
-    # deterministic one that is deployed.
-    sampling_noise: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # g of every LR layer: training uses the tempered distribution p^g / sum p^g (same mode,
+    # lower entropy); raised over training, what is trained converges to the deployed mode.
+    sharpness: ScheduleConfig = field(default_factory=ScheduleConfig)
     log_every: int = 50              # progress-bar postfix refresh, in steps
     checkpoint_every: int = 0        # also checkpoint every N steps (0: once per epoch)
     eval_batch_size: int = 256

@@ -137,18 +137,16 @@ def test_sign_schedules_are_applied_per_step():
     assert float(sign.noise_std) == pytest.approx(0.25 ** (last / trainer.total_steps))
 
 
-def test_sampling_noise_schedule_reaches_every_lr_layer():
+def test_sharpness_schedule_reaches_every_lr_layer():
     data = digits_data(n_train=200)
     model = nn.Sequential(LRQuantLinear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
                           LRQuantLinear(32, 10))
     cfg = TrainConfig(epochs=2, batch_size=40, seed=0,
-                      sampling_noise=ScheduleConfig(1.0, 0.1, "cosine"))
+                      sharpness=ScheduleConfig(1.0, 8.0, "exponential"))
     trainer = Trainer(model, cfg, data, log=quiet, progress=False)
     trainer.fit()
-    last = trainer.total_steps - 1
-    expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * last / trainer.total_steps))
-    assert [layer.lr_noise_scale for _, layer in lr_layers(model)] == \
-        [pytest.approx(expected)] * 2
+    r = (trainer.total_steps - 1) / trainer.total_steps
+    assert [layer.lr_sharpness for _, layer in lr_layers(model)] == [pytest.approx(8.0 ** r)] * 2
 
 
 # -- robustness ----------------------------------------------------------------------------

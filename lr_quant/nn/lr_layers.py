@@ -83,10 +83,9 @@ class LRWeightMixin:
         # In training, also hand the Gaussian moments (m, v) downstream as a MomentTensor
         # (its data is the sample), for a stochastic sign activation in moment mode.
         self.lr_output_moments = bool(output_moments)
-        # lambda in z = m + lambda sqrt(v + eps) e (and the variance handed on, lambda^2 v):
-        # a training schedule anneals it toward 0 so that the network trained at the end
-        # is the deterministic one that is deployed (set by the Trainer every step).
-        self.lr_noise_scale = 1.0
+        # g: training computes with the tempered distribution p^g / sum p^g (same mode); a
+        # schedule raising g makes the trained distribution collapse onto the deployed mode.
+        self.lr_sharpness = 1.0
         # validates the bounds too (raises on bad p_min / p_max)
         logits = self.lr_distribution.init_logits(self.weight.detach(), p_min, p_max)
         self.weight_logits = nn.Parameter(logits)
@@ -153,7 +152,10 @@ class LRWeightMixin:
 
     def _scaled_moments(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         scale = self.lr_scale()
-        mean, var = self.lr_distribution.scaled_moments(self.weight_logits, scale)
+        logits = self.weight_logits
+        if self.lr_sharpness != 1.0:
+            logits = self.lr_distribution.sharpen(logits, self.lr_sharpness)
+        mean, var = self.lr_distribution.scaled_moments(logits, scale)
         return mean, var, scale
 
     def _weight_sq_per_output(self, scale: Optional[Tensor]) -> Optional[Tensor]:
@@ -259,8 +261,6 @@ class LRWeightMixin:
         sq = self._weight_sq_per_output(scale) if x_var is not None else None
         mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, bias, x_var=x_var,
                                weight_sq_per_output=sq)
-        if self.lr_noise_scale != 1.0:
-            var = var * (self.lr_noise_scale ** 2)
         sample = lr_sample(mean, var, self.lr_eps)
         if self.lr_output_moments:
             return MomentTensor.from_moments(mean, var, sample=sample, validate=False)

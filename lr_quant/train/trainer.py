@@ -122,7 +122,7 @@ class Trainer:
         self._build_optimizer()
         self.temperature = make_schedule(config.sign_temperature, self.total_steps)
         self.noise_std = make_schedule(config.sign_noise_std, self.total_steps)
-        self.sampling_noise = make_schedule(config.sampling_noise, self.total_steps)
+        self.sharpness = make_schedule(config.sharpness, self.total_steps)
         self.has_lr_layers = bool(lr_layers(self.model))
 
     def _build_optimizer(self) -> None:
@@ -213,15 +213,15 @@ class Trainer:
         return [order[k * b:(k + 1) * b][r::w] for k in range(self.steps_per_epoch)]
 
     def _set_schedules(self, step: int) -> None:
-        """Sign temperature and noise, and the LR sampling-noise scale, at `step`."""
+        """Sign temperature and noise, and the LR sharpness g, at `step`."""
         tau, sigma = self.temperature(step), self.noise_std(step)
         for m in sign_quant_modules(self.model):
             m.set_temperature(tau)
             if not isinstance(m.noise_std, nn.Parameter):   # a learned sigma_a is trained
                 m.set_noise_std(sigma)
-        noise_scale = self.sampling_noise(step)
+        sharpness = self.sharpness(step)
         for _, layer in lr_layers(self.model):
-            layer.lr_noise_scale = noise_scale
+            layer.lr_sharpness = sharpness
 
     def _loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
         cfg = self.config

@@ -330,28 +330,35 @@ def test_moment_tensor_input_and_output():
     assert not has_moments(layer(m_x))
 
 
-def test_noise_scale_multiplies_the_sampling_std_and_the_handed_on_variance():
-    """lr_noise_scale = lambda: with the same noise draw, z - m shrinks by lambda exactly and
-    the output moments carry lambda^2 v (oracle: the lambda = 1 forward and
-    reference_moments)."""
+@pytest.mark.parametrize("quant", [LRBinaryWeightPerChannelFloat, LRTernaryWeightPerChannelFloat],
+                         ids=["bin-pc", "ter-pc"])
+def test_sharpness_trains_the_tempered_distribution_with_the_same_mode(quant):
+    """lr_sharpness = g: the training moments are those of p^g / sum p^g (oracle: powers of
+    the enumerated probabilities), gradients reach the logits, eval keeps the mode."""
     torch.manual_seed(0)
-    layer = LRQuantConv2d(3, 4, 3, padding=1, weight_quant=LRTernaryWeightPerChannelFloat,
-                          lr_output_moments=True).double()
+    layer = LRQuantConv2d(3, 4, 3, padding=1, weight_quant=quant, lr_output_moments=True).double()
     with torch.no_grad():
         layer.weight_logits.normal_(0, 1.5)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    layer.eval()
+    mode_out = layer(x)
     layer.train()
-    torch.manual_seed(1)
-    full = layer(x)
-    layer.lr_noise_scale = 0.3
-    torch.manual_seed(1)
-    scaled = layer(x)
-    m_ref, v_ref = reference_moments(layer, x, lambda a, w, b: F.conv2d(a, w, b, padding=1))
-    torch.testing.assert_close(scaled.moment_mean, m_ref)
-    torch.testing.assert_close(scaled.moment_var, 0.09 * v_ref)
-    # z = m + lambda sqrt(v + eps) e: the same draw e, a std of lambda^2 v + lambda^2 eps
-    e = (full.plain() - m_ref) / torch.sqrt(v_ref + layer.lr_eps)
-    torch.testing.assert_close(scaled.plain(), m_ref + torch.sqrt(0.09 * v_ref + layer.lr_eps) * e)
+    layer.lr_sharpness = 3.0
+    out = layer(x)
+    dist = layer.lr_distribution
+    p = dist.probabilities(layer.weight_logits.detach())
+    p = p.pow(3.0) / p.pow(3.0).sum(0, keepdim=True)
+    values = torch.tensor(dist.values, dtype=torch.float64).view(-1, *[1] * (p.dim() - 1))
+    mean = (p * values).sum(0)
+    var = (p * (values - mean) ** 2).sum(0)
+    alpha = layer.quant_weight().scale.detach() / layer.lr_unit
+    op = lambda a, w, b: F.conv2d(a, w, b, padding=1)   # noqa: E731
+    torch.testing.assert_close(out.moment_mean, op(x, mean * alpha, layer.bias))
+    torch.testing.assert_close(out.moment_var, op(x * x, var * alpha ** 2, None))
+    out.moment_mean.sum().backward()
+    assert layer.weight_logits.grad.abs().sum() > 0
+    layer.eval()
+    torch.testing.assert_close(layer(x), mode_out)
 
 
 @pytest.mark.parametrize("quant", [LRBinaryWeightPerTensorConst, LRBinaryWeightPerChannelFloat,
