@@ -40,10 +40,6 @@ __all__ = ["calibrate_sharpness", "SHARPNESS_GAINS"]
 SHARPNESS_GAINS: Sequence[float] = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-def _channel_dim(layer: nn.Module, x: Tensor) -> int:
-    return -1 if isinstance(layer, nn.Linear) else 1
-
-
 @torch.no_grad()
 def calibrate_sharpness(model: nn.Module, batch: Tensor, target_snr: float,
                         gains: Sequence[float] = SHARPNESS_GAINS) -> Dict[str, float]:
@@ -69,7 +65,7 @@ def calibrate_sharpness(model: nn.Module, batch: Tensor, target_snr: float,
 
         def hook(module, args, output):
             x = getattr(output, "value", output)
-            dim = _channel_dim(layer, x)
+            dim = -1 if isinstance(layer, nn.Linear) else 1   # output channels
             for gain in gains:
                 logits = layer.lr_distribution.sharpen(layer.weight_logits, gain)
                 mean, var = layer.preactivation_moments(x, logits)
