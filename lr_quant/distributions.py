@@ -184,14 +184,17 @@ class WeightDistribution(ABC):
         be unnormalized: every parameterization here ignores a common additive constant)."""
 
     def sharpen(self, logits: Tensor, gain: float) -> Tensor:
-        """Logits of the tempered distribution p_k^g / sum_j p_j^g, g = `gain` >= 1.
+        """Logits of the tempered distribution p_k^g / sum_j p_j^g, g = `gain` > 0.
 
-        Same mode, lower entropy for g > 1 (dH/dg = -g Var(log p) under the tempered
-        distribution); g -> inf: deterministic at the mode. For binary it is theta * g; for ternary b * g and a recomputed, since scaling
-        Shayer's two logits directly can move the mode.
+        Same mode; lower entropy for g > 1 (dH/dg = -g Var(log p) under the tempered
+        distribution); g -> inf: deterministic at the mode. Binary: sigmoid(g theta); ternary
+        recomputes both logits, since scaling Shayer's two logits directly can move the mode.
         """
         if not gain > 0:
             raise ValueError(f"sharpening gain must be > 0, got {gain}")
+        return self._tempered_logits(logits, gain)
+
+    def _tempered_logits(self, logits: Tensor, gain: float) -> Tensor:
         return self.logits_from_log_probabilities(gain * self.log_probabilities(logits))
 
     def mode(self, logits: Tensor) -> Tensor:
@@ -377,9 +380,7 @@ class BinaryDistribution(WeightDistribution):
     def logits_from_log_probabilities(self, log_p):
         return log_p[1] - log_p[0]
 
-    def sharpen(self, logits, gain):
-        if not gain > 0:
-            raise ValueError(f"sharpening gain must be > 0, got {gain}")
+    def _tempered_logits(self, logits, gain):
         return logits * gain   # p^g / (p^g + (1-p)^g) = sigmoid(g theta)
 
     def moments(self, logits):
