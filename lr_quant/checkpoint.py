@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "capture_rng_state",
-           "restore_rng_state", "load_model_state", "atomic_write_text", "FORMAT"]
+           "restore_rng_state", "load_model_state", "full_state_dict", "atomic_write_text",
+           "FORMAT"]
 
 FORMAT = "lr_quant.checkpoint/1"
 PathLike = Union[str, os.PathLike]
@@ -161,8 +162,12 @@ def load_model_state(model: nn.Module, state: Dict[str, Tensor], source: str = "
         raise CheckpointError(
             f"{source} is for architecture {architecture!r}, the model is "
             f"{expected_architecture!r}")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    own = full_state_dict(model)
+    # Brevitas leaves a runtime-statistics scale out of state_dict() until it is
+    # initialized (ParameterFromRuntimeStatsScaling.state_dict); such keys may be absent
+    # from a checkpoint saved before that (the module then collects statistics again).
+    optional = set(own) - set(model.state_dict())
+    missing = sorted(set(own) - set(state) - optional)
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                   for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -178,4 +183,19 @@ def load_model_state(model: nn.Module, state: Dict[str, Tensor], source: str = "
             parts.append(f"shape mismatches {head(mismatched)}")
         raise CheckpointError(f"{source} does not fit this model (another architecture or "
                               f"recipe?): " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=False)
+    left = sorted(set(result.missing_keys) - optional) + sorted(result.unexpected_keys)
+    if left:  # the key sets were checked above; this would be a loader inconsistency
+        raise CheckpointError(f"{source}: keys not loaded {', '.join(left[:5])}")
+
+
+def full_state_dict(model: nn.Module) -> Dict[str, Tensor]:
+    """model.state_dict() including the scales Brevitas omits while uninitialized."""
+    from brevitas import config
+
+    saved = config._FULL_STATE_DICT
+    config._FULL_STATE_DICT = True
+    try:
+        return model.state_dict()
+    finally:
+        config._FULL_STATE_DICT = saved
