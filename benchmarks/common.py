@@ -57,7 +57,8 @@ def recipe_for(method: str, *, keep_first_last: bool = True, fp_names: Sequence[
 
 def convert_method(model: nn.Module, method: str, example: torch.Tensor, **kw) -> nn.Module:
     """A converted deep copy of `model` (FP: the copy itself); thresholds calibrated."""
-    from lr_quant.convert import calibrate_thresholds, convert
+    from lr_quant.convert import convert
+    from lr_quant.quant.threshold import calibrate_thresholds
 
     model = copy.deepcopy(model)
     recipe = recipe_for(method, **kw)

@@ -32,11 +32,13 @@ __all__ = [
     "lr_weight_quant",
 ]
 
-# recipes: convert any timm backbone into an LR network (issue 4)
-# (`lr_quant.convert` stays the module: use `from lr_quant.convert import convert`)
+# recipes: convert any timm backbone into an LR network
+# (`lr_quant.convert` is the subpackage: use `from lr_quant.convert import convert`)
 from . import convert, recipe, registry  # noqa: E402
-from .convert import ConversionReport, calibrate_thresholds, convert_with_report  # noqa: E402
+from .convert import ConversionReport, convert_with_report  # noqa: E402
+from .quant.threshold import calibrate_thresholds  # noqa: E402
 from .recipe import Recipe, RecipeError, load_recipe  # noqa: E402
+from . import cnv  # noqa: E402,F401  (registers timm's "finn_cnv")
 
 __all__ += [
     "convert",

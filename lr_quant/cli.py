@@ -216,12 +216,13 @@ def _network_label(model, meta) -> str:
             else "training checkpoint: BN statistics of training (no LR layers)")
 
 
-def _example_input(recipe, batch: int):
+def _example_input(model, recipe, batch: int):
+    """A fixed (seeded) random batch of the model's input size."""
     import torch
 
-    chans = recipe.model.in_chans or 3
-    size = recipe.data.image_size
-    return torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
+    from .convert import default_example_input
+
+    return default_example_input(model, recipe, batch, torch.Generator().manual_seed(0))
 
 
 def _cmd_export(args) -> int:
@@ -235,7 +236,7 @@ def _cmd_export(args) -> int:
         raise ValueError(f"{args.checkpoint} is not a frozen network; export "
                          f"final.safetensors (written when training ends)")
     output = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))
-    example = _example_input(recipe, args.batch_size)
+    example = _example_input(model, recipe, args.batch_size)
     result = export_qonnx(model, example, output, require_frozen=True, num_checks=4)
     print(f"exported {result.path}; verified by qonnx on {result.num_checks} inputs: max abs "
           f"error {result.max_abs_error:.2e}")
@@ -251,7 +252,7 @@ def _cmd_summary(args) -> int:
         from .convert import convert
         recipe = resolve_recipe(args)
         model = convert(build_float_model(recipe, recipe.model.num_classes or 10, False), recipe)
-    print(model_summary_table(model, _example_input(recipe, 1)))
+    print(model_summary_table(model, _example_input(model, recipe, 1)))
     return 0
 
 

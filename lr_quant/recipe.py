@@ -231,12 +231,17 @@ class ActivationsConfig:
     "median" (binary: the median; ternary: the 1/3 and 2/3 quantiles), "mean" or "zero".
     ``moments``: converted LR layers hand their Gaussian moments downstream
     (``lr_output_moments``) so a sign reached through BatchNorm uses moment mode.
+    ``sign_before_pool``: where an activation module feeds only a max-pool whose readers
+    are all sign inputs (conv -> BN -> ReLU -> MaxPool -> conv), the sign replaces the
+    activation in front of the pool instead (max(sign(x - t)) = sign(max(x) - t)): FINN
+    maps a max-pool over bipolar values into hardware, not one over float values.
     """
     quantizer: Optional[ActQuantSpec] = None
     input_quantizer: Optional[ActQuantSpec] = None
     threshold_init: str = "median"
     drop_relu: bool = True
     moments: bool = True
+    sign_before_pool: bool = False
 
     def __post_init__(self):
         if self.threshold_init not in THRESHOLD_INITS:

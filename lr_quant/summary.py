@@ -14,9 +14,11 @@ Columns, for every leaf module with parameters or a weight quantizer:
     memory      weights at their precision, every other parameter at 32 bits
     MACs        multiply-accumulates per input sample (conv: out elements x in/groups x
                 kernel; linear: out elements x in features)
-    FINN        whether FINN can map the layer: quantized-weight conv / linear yes, float-
-                weight conv / linear no (keep them off the FPGA or quantize them), BN yes
-                (streamlined into thresholds)
+    FINN        whether FINN can map the layer (conservative rules; the real check is
+                ``lr_quant.finn.check_with_finn(..., dataflow=True)``): a conv / linear
+                with quantized weights and quantized inputs yes, float weights or float
+                inputs no; a BatchNorm yes only when a quantizer reads its output (FINN
+                folds it into that quantizer's thresholds), else no (float Mul/Add)
 Totals: parameters, memory, the FP32 size of the same parameters and the compression
 ratio, MACs, and the share of MACs with 1-bit weights (binary MACs) and with 1-bit weights
 and 1-bit inputs (XNOR-popcount MACs).
@@ -159,12 +161,26 @@ def _params_and_memory(module: nn.Module, weight_bits: Optional[int]):
     return params, memory
 
 
-def _finn(module: nn.Module, weight_bits: Optional[int]) -> str:
+def _finn(module: nn.Module, weight_bits: Optional[int], input_bits: Optional[int],
+          thresholded: bool) -> str:
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-        return "yes" if weight_bits is not None and weight_bits < 32 else "no: float weights"
+        if weight_bits is None or weight_bits >= 32:
+            return "no: float weights"
+        return "no: float input" if input_bits is None or input_bits >= 32 else "yes"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return "yes: thresholds"
+        return "yes: thresholds" if thresholded else "no: float Mul/Add"
     return "yes"
+
+
+def _reads_through_quantizer(module: nn.Module) -> bool:
+    """A module whose input goes through an activation quantizer first (a layer's enabled
+    ``input_quant``, or a QuantIdentity-style activation layer)."""
+    from brevitas.nn.quant_layer import QuantNonLinearActLayer
+
+    if isinstance(module, QuantNonLinearActLayer):
+        return True
+    proxy = getattr(module, "input_quant", None)
+    return proxy is not None and bool(getattr(proxy, "is_quant_enabled", False))
 
 
 def _is_row(module: nn.Module) -> bool:
@@ -185,16 +201,30 @@ def model_summary(model: nn.Module, example_input: Tensor) -> Summary:
         if n and _is_row(m) and not any(n.startswith(r + ".") for r, _ in rows_modules):
             rows_modules.append((n, m))
 
+    norm_outputs: Dict[int, str] = {}   # id(BN output) -> BN name
+    thresholded = set()                 # BNs whose output a quantizer reads
+
     def hook(name):
         def fn(module, inputs, output):
             out = as_tensor(output)
             if name not in records and isinstance(out, Tensor):
                 records[name] = {"input_bits": _input_bits(module, inputs[0]) if inputs else None,
                                  "macs": _macs(module, out)}
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(out, Tensor):
+                norm_outputs[id(out)] = name
+                keep_alive.append(out)
         return fn
 
+    def reader(module, inputs):
+        x = as_tensor(inputs[0]) if inputs else None
+        if isinstance(x, Tensor) and id(x) in norm_outputs and _reads_through_quantizer(module):
+            thresholded.add(norm_outputs[id(x)])
+
+    keep_alive = []
     for name, module in rows_modules:
         hooks.append(module.register_forward_hook(hook(name)))
+    for module in model.modules():
+        hooks.append(module.register_forward_pre_hook(reader))
     was_training = model.training
     model.eval()
     try:
@@ -209,5 +239,7 @@ def model_summary(model: nn.Module, example_input: Tensor) -> Summary:
         bits = _weight_bits(module)
         params, memory = _params_and_memory(module, bits)
         summary.rows.append(LayerRow(name, type(module).__name__, bits, rec["input_bits"],
-                                     params, memory, rec["macs"], _finn(module, bits)))
+                                     params, memory, rec["macs"],
+                                     _finn(module, bits, rec["input_bits"],
+                                           name in thresholded)))
     return summary

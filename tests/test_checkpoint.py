@@ -99,14 +99,23 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 RECIPE_FILES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 
-def _converted(recipe):
+def _tiny_model(recipe):
+    """A small timm model the recipe is meant for, and its input size."""
     import timm
+
+    if recipe.model.name == "finn_cnv":
+        return timm.create_model("finn_cnv", num_classes=4, channels=(4, 8, 8),
+                                 fc_features=8), 32
+    return timm.create_model("test_efficientnet" if "mobilenet" in recipe.name
+                             else "test_resnet", num_classes=4), 16
+
+
+def _converted(recipe):
     from lr_quant.convert import convert
 
     torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet" if "mobilenet" in recipe.name
-                              else "test_resnet", num_classes=4)
-    return convert(model, recipe, example_input=torch.randn(2, 3, 16, 16))
+    model, size = _tiny_model(recipe)
+    return convert(model, recipe, example_input=torch.randn(2, 3, size, size)), size
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
@@ -117,19 +126,20 @@ def test_every_packaged_recipe_round_trips_a_trained_checkpoint(path, tmp_path):
     from lr_quant.recipe import Recipe
 
     recipe = Recipe.from_yaml(path)
-    trained = _converted(recipe).train()
+    trained, size = _converted(recipe)
+    trained.train()
     torch.manual_seed(1)
     for _ in range(2):
-        trained(torch.randn(8, 3, 16, 16)).sum().backward()
+        trained(torch.randn(8, 3, size, size)).sum().backward()
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01 * torch.randn_like(p))
     save_checkpoint(tmp_path / "c.safetensors", trained, meta={})
     state, _, _ = load_checkpoint(tmp_path / "c.safetensors")
 
-    fresh = _converted(recipe)
+    fresh, _ = _converted(recipe)
     load_model_state(fresh, state)
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), trained.eval()(x), rtol=0, atol=0)
 
@@ -138,11 +148,9 @@ def test_an_uninitialized_runtime_scale_may_be_absent_but_not_an_unknown_key(tmp
     from lr_quant.recipe import load_recipe
 
     recipe = load_recipe("finn_cnv_w1a1")
-    untrained = _converted(recipe)
-    state = untrained.state_dict()
+    state = _converted(recipe)[0].state_dict()
     assert not any(k.endswith("scaling_impl.value") and "input_quant" in k for k in state)
-    fresh = _converted(recipe)
-    load_model_state(fresh, state)  # the fresh model collects its statistics later
+    load_model_state(_converted(recipe)[0], state)  # the fresh model collects them later
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="unexpected keys extra.weight"):
-        load_model_state(_converted(recipe), state)
+        load_model_state(_converted(recipe)[0], state)

@@ -54,7 +54,8 @@ def test_pack_refuses_unfrozen_lr_layers():
 def test_packed_converted_resnet_with_quantized_activations(recipe, act_bits):
     """Sign inputs run the 1-bit activation kernels; ternary inputs keep their threshold +
     quantizer in front of the W1A16 kernel ({-1, 0, +1} x +-1 is exact in fp16)."""
-    from lr_quant.convert import calibrate_thresholds, convert_with_report
+    from lr_quant.convert import convert_with_report
+    from lr_quant.quant.threshold import calibrate_thresholds
 
     torch.manual_seed(0)
     model, report = convert_with_report(timm.create_model("test_resnet", num_classes=10), recipe)

@@ -119,6 +119,24 @@ def lr_cnv(weight_quant, train_steps=3, seed=0):
     return model.eval()
 
 
+# -- modules: node scopes -------------------------------------------------------------------
+
+def test_scope_module_with_and_without_the_model():
+    """A TorchScript scope names its module: with the model, the longest prefix that is a
+    module; without, Brevitas quantizer internals are cut back to their layer."""
+    from lr_quant.export.modules import scope_module
+    modules = dict(timm.create_model("resnet10t", pretrained=False).named_modules())
+    assert scope_module("/layer1/layer1.0/conv1/Conv", modules) == "layer1.0.conv1"
+    assert scope_module("/conv1/conv1.0/Conv", modules) == "conv1.0"
+    assert scope_module("/layer1/layer1.0/conv1/weight_quant/export_handler/Quant",
+                        modules) == "layer1.0.conv1"
+    assert scope_module("/nothing/Relu", modules) == ""
+    assert scope_module("/2/weight_quant/export_handler/Quant") == "2"
+    assert scope_module("/0/act_quant/export_handler/BipolarQuant") == "0"
+    assert scope_module("/1/input_quant/export_handler/Quant") == "1.input_quant"
+    assert scope_module("Gemm_0") is None and scope_module("") is None
+
+
 # -- single layers --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quant, expected_op, bits", [
@@ -325,7 +343,7 @@ def test_lr_cnv_passes_finn_frontend(tmp_path, weight_quant):
     assert ops.get("XnorPopcountMatMul", 0) == 4 and ops.get("MatMul", 0) == 1
 
 
-# -- freeze policy and training mode -------------------------------------------------------------
+# -- driver: freeze policy, training mode, IntQuant ---------------------------------------------
 
 def test_unfrozen_lr_layers_export_as_their_mode_and_stay_unfrozen(tmp_path):
     model = nn.Sequential(LRQuantLinear(6, 3, weight_quant=LRTernaryWeightPerChannelFloat))
@@ -368,7 +386,29 @@ def test_failed_export_restores_training_mode(tmp_path):
     assert model.training and not model[0].is_lr_frozen
 
 
-# -- bad inputs and layers the exporter cannot handle --------------------------------------------
+def test_intquant_in_the_graph_is_refused(tmp_path, monkeypatch):
+    """FINN converts only `Quant`: a graph with `IntQuant` (qonnx's newer name, which
+    cleanup would fold away on weights) is refused, naming the node's module."""
+    import lr_quant.export.driver as export_module
+    annotate = export_module._annotate_scopes
+
+    def annotate_and_rename(path):   # stands in for an exporter that emits IntQuant
+        annotate(path)
+        proto = onnx.load(str(path))
+        for node in proto.graph.node:
+            if node.op_type == "Quant":
+                node.op_type = "IntQuant"
+        onnx.save(proto, str(path))
+
+    monkeypatch.setattr(export_module, "_annotate_scopes", annotate_and_rename)
+    model = freeze(nn.Sequential(nn.Linear(4, 4), nn.ReLU(),
+                                 LRQuantLinear(4, 2, weight_quant=LRTernaryWeightPerTensorConst)))
+    with pytest.raises(QONNXExportError, match=r"IntQuant nodes \['/2/weight_quant/"
+                                               r"export_handler/Quant \(2\)'\]"):
+        export_qonnx(model, torch.randn(1, 4), tmp_path / "m.onnx")
+
+
+# -- locate: bad inputs and layers the exporter cannot handle ------------------------------------
 
 def test_wrong_example_shape_names_the_layer(tmp_path):
     model = lr_cnv(LRBinaryWeightPerTensorConst, train_steps=0)
@@ -432,7 +472,7 @@ def test_int32_bias_without_input_quant_names_the_layer(tmp_path):
         export_qonnx(model, torch.randn(1, 3), tmp_path / "m.onnx")
 
 
-# -- verification and diagnosis ------------------------------------------------------------------
+# -- verify / diagnose: verification and diagnosis -----------------------------------------------
 
 def test_verify_names_the_first_diverging_node(tmp_path):
     model = lr_cnv(LRBinaryWeightPerTensorConst)
@@ -540,6 +580,23 @@ def test_sign_input_on_its_threshold_is_a_boundary_flip(tmp_path):
     assert div.boundary and div.op_type == "BipolarQuant" and div.module == "1.act_quant"
 
 
+def test_a_wrongly_exported_shape_is_named_as_the_divergence(tmp_path):
+    """Two float strided timm Conv2dSame in a row at a size the stride does not divide:
+    the second one's pad is computed in the graph from Shape nodes, which qonnx's cleanup
+    folds to a wrong constant (known timm/qonnx limitation, LR convs compute their pad as
+    constants). The verification fails and names that module and the two shapes."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), Conv2dSame(8, 8, 3, stride=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(QONNXMismatchError, match=r"module '2' \(Conv2dSame\): output shape") as e:
+        export_qonnx(model, torch.randn(1, 3, 33, 33), tmp_path / "same.onnx")
+    d = e.value.divergence
+    assert d.module == "2" and d.op_type == "Conv" and d.last_match[1] == "1"
+    assert d.shapes == ((1, 8, 8, 8), (1, 8, 9, 9))   # PyTorch: ceil(17 / 2) = 9
+
+
 # -- models converted by lr_quant.convert with the shipped recipes ------------------------------
 
 def float_cnv():
@@ -573,8 +630,11 @@ def test_recipe_converted_resnet_w1a1_export(tmp_path):
 @pytest.mark.slow
 def test_recipe_converted_finn_cnv_passes_finn_frontend(tmp_path):
     from lr_quant.convert import convert
+    from lr_quant.recipe import load_recipe
     x = grid_inputs(32, seed=11)
-    model = convert(float_cnv(), "finn_cnv_w1a1", example_input=x[:1])
+    recipe = load_recipe("finn_cnv_w1a1")
+    recipe.overrides = {}   # its one override names finn_cnv's classifier ("head")
+    model = convert(float_cnv(), recipe, example_input=x[:1])
     train_a_little(model, x, steps=3, loss="ce", lr=1e-2)
     freeze(model)
     reestimate_bn(model, x)
@@ -589,42 +649,3 @@ def test_recipe_converted_finn_cnv_passes_finn_frontend(tmp_path):
     ops = finn["stages"]["streamlined"]["op_types"]
     assert finn["ok"] and ops["MultiThreshold"] == 5
     assert ops.get("XnorPopcountMatMul", 0) == 4
-
-
-def test_intquant_in_the_graph_is_refused(tmp_path, monkeypatch):
-    """FINN converts only `Quant`: a graph with `IntQuant` (qonnx's newer name, which
-    cleanup would fold away on weights) is refused, naming the node's module."""
-    import lr_quant.export as export_module
-    annotate = export_module._annotate_scopes
-
-    def annotate_and_rename(path):   # stands in for an exporter that emits IntQuant
-        annotate(path)
-        proto = onnx.load(str(path))
-        for node in proto.graph.node:
-            if node.op_type == "Quant":
-                node.op_type = "IntQuant"
-        onnx.save(proto, str(path))
-
-    monkeypatch.setattr(export_module, "_annotate_scopes", annotate_and_rename)
-    model = freeze(nn.Sequential(nn.Linear(4, 4), nn.ReLU(),
-                                 LRQuantLinear(4, 2, weight_quant=LRTernaryWeightPerTensorConst)))
-    with pytest.raises(QONNXExportError, match=r"IntQuant nodes \['/2/weight_quant/"
-                                               r"export_handler/Quant \(2\)'\]"):
-        export_qonnx(model, torch.randn(1, 4), tmp_path / "m.onnx")
-
-
-def test_a_wrongly_exported_shape_is_named_as_the_divergence(tmp_path):
-    """Two float strided timm Conv2dSame in a row at a size the stride does not divide:
-    the second one's pad is computed in the graph from Shape nodes, which qonnx's cleanup
-    folds to a wrong constant (known timm/qonnx limitation, LR convs compute their pad as
-    constants). The verification fails and names that module and the two shapes."""
-    from timm.layers import Conv2dSame
-
-    torch.manual_seed(0)
-    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), Conv2dSame(8, 8, 3, stride=2),
-                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    with pytest.raises(QONNXMismatchError, match=r"module '2' \(Conv2dSame\): output shape") as e:
-        export_qonnx(model, torch.randn(1, 3, 33, 33), tmp_path / "same.onnx")
-    d = e.value.divergence
-    assert d.module == "2" and d.op_type == "Conv" and d.last_match[1] == "1"
-    assert d.shapes == ((1, 8, 8, 8), (1, 8, 9, 9))   # PyTorch: ceil(17 / 2) = 9

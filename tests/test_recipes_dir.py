@@ -8,7 +8,8 @@ import torch
 import yaml
 
 import lr_quant
-from lr_quant.convert import calibrate_thresholds, convert_with_report
+from lr_quant.convert import convert_with_report
+from lr_quant.quant.threshold import calibrate_thresholds
 from lr_quant.recipe import Recipe, load_recipe, recipe_dirs
 
 RECIPES_DIR = Path(lr_quant.__file__).resolve().parent.parent / "recipes"
@@ -44,8 +45,11 @@ def test_recipe_file_validates_and_round_trips(path):
 def test_recipe_file_converts_a_tiny_timm_model(path):
     torch.manual_seed(0)
     recipe = Recipe.from_yaml(path)
-    model = timm.create_model("test_efficientnet" if "mobilenet" in path.stem else "test_resnet",
-                              num_classes=10)
+    if recipe.model.name == "finn_cnv":  # a recipe for one model (its overrides name layers)
+        model = timm.create_model("finn_cnv", num_classes=10, channels=(4, 8, 8), fc_features=8)
+    else:
+        model = timm.create_model("test_efficientnet" if "mobilenet" in path.stem
+                                  else "test_resnet", num_classes=10)
     model, report = convert_with_report(model, recipe)
     assert report.converted
     x = torch.randn(2, 3, 32, 32)

@@ -30,12 +30,14 @@ def test_counts_match_hand_counts():
     conv1, bn, conv2, fc = rows["0"], rows["1"], rows["3"], rows["5"]
     # conv1: 8 x 6 x 6 outputs, each 3 * 3 * 3 MACs; 216 binary weights + 8 float scales
     assert (conv1.macs, conv1.params, conv1.memory_bits) == (288 * 27, 216 + 8, 216 + 8 * 32)
-    assert (conv1.weight_bits, conv1.input_bits, conv1.finn) == (1, 32, "yes")
+    # float input: FINN's MVAU needs integer inputs (quantize the input first)
+    assert (conv1.weight_bits, conv1.input_bits, conv1.finn) == (1, 32, "no: float input")
     # BN: weight, bias, running mean and var
     assert (bn.params, bn.memory_bits, bn.macs) == (32, 32 * 32, 0)
+    assert bn.finn == "yes: thresholds"   # the sign reads it: FINN folds it into thresholds
     # conv2: groups 2, stride 2: 4 x 3 x 3 outputs, each (8 / 2) * 9 MACs; input is +-1
     assert (conv2.macs, conv2.params, conv2.memory_bits) == (36 * 36, 144 + 4, 144 + 4 * 32)
-    assert (conv2.weight_bits, conv2.input_bits) == (1, 1)
+    assert (conv2.weight_bits, conv2.input_bits, conv2.finn) == (1, 1, "yes")
     assert (fc.macs, fc.params, fc.memory_bits, fc.weight_bits) == (360, 370, 370 * 32, 32)
     assert fc.finn.startswith("no")
     sign = [r for r in s.rows if r.kind == "ThresholdShift"]
@@ -48,6 +50,18 @@ def test_counts_match_hand_counts():
     assert t["macs"] == 7776 + 1296 + 360
     assert t["binary_mac_share"] == pytest.approx((7776 + 1296) / 9432)
     assert t["xnor_mac_share"] == pytest.approx(1296 / 9432)
+
+
+def test_finn_column_says_no_for_a_batchnorm_no_quantizer_reads():
+    model = nn.Sequential(
+        LRQuantConv2d(3, 8, 3, bias=False, weight_quant=LRBinaryWeightPerTensorConst),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(), StochasticSign(8), nn.BatchNorm2d(8),
+        nn.Identity(), StochasticSign(8))
+    rows = {r.name: r for r in model_summary(freeze(model), torch.randn(2, 3, 6, 6)).rows}
+    # BN -> ReLU -> sign: FINN keeps the BN as float Mul/Add before the ReLU
+    assert rows["1"].finn == "no: float Mul/Add"
+    # BN -> Identity -> sign: the sign reads the very tensor, thresholds absorb the BN
+    assert rows["5"].finn == "yes: thresholds"
 
 
 def test_table_lists_every_row_and_the_totals():

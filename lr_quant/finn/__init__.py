@@ -4,11 +4,13 @@ FINN's frontend (``ConvertQONNXtoFINN`` then ``Streamline``) comes from the PyPI
 ``finn-plus``, which pins onnx / protobuf / brevitas versions that conflict with
 lr_quant's, so it lives in its own virtual environment and only ever reads the exported
 ``.onnx`` file. This module (main environment; it imports nothing from finn) builds that
-environment on first use and runs ``frontend_check.py`` in it::
+environment on first use and runs ``frontend_check.py`` (and, for the hardware
+mapping, ``hardware_steps.py``) in it::
 
     from lr_quant.finn import check_with_finn
     result = check_with_finn("model.onnx", inputs, expected)   # raises FinnCheckError
     result["stages"]["streamlined"]["op_types"]                 # {"MultiThreshold": 5, ...}
+    check_with_finn(path, inputs, expected, dataflow=True)["dataflow"]["partitions"]  # 1
 
 - :func:`ensure_finn_env` returns the FINN environment's python: the interpreter named
   by ``$LR_QUANT_FINN_PYTHON`` if set, else ``<cache>/finn-venv-<key>/bin/python`` with
@@ -58,7 +60,8 @@ _PIP_ARGS = ("install", "--quiet", "--disable-pip-version-check", "--no-deps",
              "--only-binary=:all:", "-r")
 _SMOKE = ("import onnx, onnxruntime, qonnx.util.cleanup, "
           "finn.transformation.qonnx.convert_qonnx_to_finn, "
-          "finn.transformation.streamline, finn.core.onnx_exec")
+          "finn.transformation.streamline, finn.core.onnx_exec, "
+          "finn.builder.build_dataflow_config, pandas, sklearn, scipy, mip, psutil")
 _RECIPE = repr(("venv", _PIP_ARGS, _SMOKE, 1))
 
 
@@ -202,7 +205,8 @@ def ensure_finn_env(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def check_with_finn(onnx_path: str | os.PathLike, inputs: np.ndarray, expected: np.ndarray,
                     atol: float = 1e-4, *, work_dir: str | os.PathLike | None = None,
-                    allow_quant_nodes: bool = False, python: str | os.PathLike | None = None,
+                    allow_quant_nodes: bool = False, dataflow: bool = False,
+                    python: str | os.PathLike | None = None,
                     timeout: float | None = 1800) -> dict:
     """Check that FINN's frontend takes ``onnx_path`` and keeps its outputs.
 
@@ -212,6 +216,12 @@ def check_with_finn(onnx_path: str | os.PathLike, inputs: np.ndarray, expected: 
     streamlining, each stage executed by ``finn.core.onnx_exec.execute_onnx`` and
     compared with ``expected`` (max abs error <= ``atol``). The transformed models go
     to ``work_dir`` (default ``<model stem>_finn/`` beside the model).
+
+    With ``dataflow=True`` finn-plus' build steps then run up to the estimate reports
+    (``hardware_steps.py``): the result's ``dataflow`` holds ``partitions``, ``outside``
+    (ops outside the partition), ``partition_op_types``, ``stages`` (outputs after
+    streamlining and partitioning) and ``estimates`` (LUT / BRAM / DSP per layer); more
+    than one partition or a compute op outside it fails the check.
 
     Returns the result dict (``stages`` -> ``qonnx`` / ``converted`` / ``streamlined``
     with ``max_abs_err``, ``op_types``, ``model_path``; ``streamlined_model``). Raises
@@ -240,6 +250,8 @@ def check_with_finn(onnx_path: str | os.PathLike, inputs: np.ndarray, expected: 
            "--out-dir", str(work), "--atol", repr(float(atol))]
     if allow_quant_nodes:
         cmd.append("--allow-quant-nodes")
+    if dataflow:
+        cmd.append("--dataflow")
     # The FINN env must see only its own packages, never the caller's path settings.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONNOUSERSITE"] = "1"

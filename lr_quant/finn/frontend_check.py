@@ -23,6 +23,10 @@ those of FINN's end-to-end BNN test (finn-plus ``tests/end2end/test_end2end_bnn_
    ConvertBipolarMatMulToXnorPopcount, Streamline, InferDataLayouts,
    RemoveUnusedTensors.
 
+4. ``dataflow`` (with ``--dataflow``): finn-plus' build steps up to the estimate reports,
+   from the exported file (``hardware_steps.py``): one dataflow partition, nothing but
+   layout ops outside it, outputs unchanged after streamlining and partitioning.
+
 Every stage is executed with ``finn.core.onnx_exec.execute_onnx`` on all samples and
 compared with ``expected``. The JSON result has, per stage, the max abs error, the op
 types left in the graph and the saved model path. Exit status: 0 when every stage
@@ -126,7 +130,7 @@ def op_types(model: ModelWrapper) -> dict[str, int]:
 
 
 def check(onnx_path: Path, data_path: Path, out_dir: Path, atol: float,
-          allow_quant_nodes: bool, result: dict) -> dict:
+          allow_quant_nodes: bool, result: dict, dataflow: bool = False) -> dict:
     """Run the three stages, filling ``result`` as they go (so that a stage that raises
     leaves the earlier ones and ``failed_stage`` behind); ``ok`` says whether it passed."""
     result.update({
@@ -178,6 +182,15 @@ def check(onnx_path: Path, data_path: Path, out_dir: Path, atol: float,
             "into MultiThreshold; IntQuant and wider Quant nodes stay and cannot be "
             "mapped to hardware)")
     result["streamlined_model"] = result["stages"]["streamlined"]["model_path"]
+    if dataflow:
+        from hardware_steps import run_hardware_steps  # beside this file (sys.path[0])
+
+        result["failed_stage"] = "dataflow"
+        result["dataflow"] = run_hardware_steps(onnx_path, inputs, expected,
+                                                out_dir / f"{stem}_dataflow", atol, run,
+                                                op_types)
+        del result["failed_stage"]
+        result["problems"] += [f"dataflow: {p}" for p in result["dataflow"]["problems"]]
     result["ok"] = not result["problems"]
     return result
 
@@ -190,13 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where the transformed models go (default: beside the result)")
     p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--dataflow", action="store_true",
+                   help="then run finn-plus' build steps up to the estimate reports "
+                        "(hardware_steps.py)")
     p.add_argument("--allow-quant-nodes", action="store_true",
                    help="do not fail when Quant/BipolarQuant nodes are left unconverted")
     args = p.parse_args(argv)
     out_dir = args.out_dir or args.result.parent
     result: dict = {"model": str(args.onnx), "ok": False}
     try:
-        check(args.onnx, args.data, out_dir, args.atol, args.allow_quant_nodes, result)
+        check(args.onnx, args.data, out_dir, args.atol, args.allow_quant_nodes, result,
+              args.dataflow)
         code = 0 if result["ok"] else 1
     except Exception as exc:  # report every FINN failure as data, then exit 2
         result["ok"] = False

@@ -15,7 +15,8 @@ quantizer, so Brevitas exports them as plain ONNX ops in front of the quantizer 
   2 bit, narrow, signed)``, which FINN turns into a 2-threshold ``MultiThreshold``.
 
 Thresholds initialize from data on the first forward in training mode (or
-:meth:`ThresholdShift.init_from_data`); a loaded state dict keeps its (initialized) values.
+:meth:`ThresholdShift.init_from_data`, or :func:`calibrate_thresholds` for every threshold of a
+model at once); a loaded state dict keeps its (initialized) values.
 Binary inits: "median" (P(+1) = 1/2 per channel), "mean", "zero". Ternary inits: "median"
 (thresholds at the 1/3 and 2/3 quantiles: the three values equally likely), "mean"
 (c = mean, t = Phi^-1(2/3) std: equiprobable for a Gaussian), "zero" (c = 0, t = 0.5, i.e.
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from brevitas import config as brevitas_config
 
+from lr_quant._tensor import as_tensor
 from lr_quant.moments import MomentTensor, split_moments
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "ThresholdShift",
     "TernaryThreshold",
     "attach_threshold",
+    "calibrate_thresholds",
 ]
 
 THRESHOLD_INITS = ("median", "mean", "zero")
@@ -318,3 +321,47 @@ def record_act_impl(proxy: nn.Module) -> None:
     very module and its parameters (an optimizer holding them stays valid)."""
     impl = proxy.fused_activation_quant_proxy.activation_impl
     proxy.quant_injector = proxy.quant_injector.let(act_impl=impl)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, batch: Tensor, train_mode: bool = True) -> int:
+    """Initialize every sign threshold (ThresholdShift) of `model` from `batch`.
+
+    Thresholds are set in network order in one forward pass (each from the inputs it sees
+    given the thresholds before it), by their init method ("median" by default: P(+1) = 1/2
+    per channel), and a channel where that gives a constant sign (e.g. a median of 0 after
+    a ReLU) gets the most balanced non-constant split instead. `train_mode=True` runs the
+    pass in training mode (BatchNorm batch statistics, as the first training step sees;
+    BatchNorm running statistics and the RNG state are restored afterwards). Returns the
+    number of thresholds set.
+    """
+    shifts = [m for m in model.modules() if isinstance(m, ThresholdShift)]
+    if not shifts:
+        return 0
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    handles = []
+
+    def pre(module, args):
+        x = as_tensor(args[0])
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            return
+        module.init_from_data(x)
+        if module.init_method != "zero":
+            module.balance_degenerate(x)
+
+    for s in shifts:
+        handles.append(s.register_forward_pre_hook(pre))
+    training = model.training
+    try:
+        model.train(train_mode)
+        with torch.random.fork_rng(devices=[]):
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+        for m, state in zip(norms, saved):
+            for k, v in state.items():
+                getattr(m, k).copy_(v)
+    return len(shifts)

@@ -86,9 +86,10 @@ def run_training(recipe, output_dir, resume=None, log: Callable[[str], None] = p
     checkpoint path, or "auto" for output_dir/checkpoint.safetensors if it exists.
     Returns a `TrainingResult` (metrics empty if stopped early by `stop_after_steps`).
     """
-    from ..convert import calibrate_thresholds, convert_with_report
+    from ..convert import convert_with_report
     from ..distributed import init_distributed
     from ..models import architecture_of
+    from ..quant.threshold import calibrate_thresholds
     from ..sharpness import calibrate_sharpness
 
     info = info or init_distributed()

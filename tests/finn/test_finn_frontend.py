@@ -210,6 +210,34 @@ def test_finn_frontend_keeps_outputs(exported_models, weight_quant, finn_python)
 
 
 @pytest.mark.slow
+def test_finn_build_steps_map_the_cnv_into_one_dataflow_partition(exported_models, finn_python,
+                                                                   tmp_path):
+    """finn-plus' estimate-only build steps: the whole binary CNV in one partition (only
+    the input Transpose outside), outputs unchanged after streamlining and partitioning,
+    an estimate per layer. Its fc1 has a channel whose sign is constant (a popcount
+    threshold below 0), which finn-plus' step_minimize_bit_width rejects unless the
+    thresholds are clipped first (hardware_steps.step_clip_thresholds)."""
+    path, inputs, expected = exported_models["binary_per_tensor_const"]
+    result = check_with_finn(path, inputs, expected, atol=ATOL, python=finn_python,
+                             dataflow=True, work_dir=tmp_path)
+    flow = result["dataflow"]
+    assert result["ok"] and not flow["problems"]
+    assert flow["partitions"] == 1 and flow["outside"] == {"Transpose": 1}
+    assert flow["steps"][-1] == "step_generate_estimate_reports"
+    assert "step_clip_thresholds" in flow["steps"]
+    for step in ("step_streamline", "step_create_dataflow_partition"):
+        assert flow["stages"][step]["max_abs_err"] <= ATOL, step
+    ops = flow["partition_op_types"]
+    # 3 convs + 2 FC layers -> MVAU; 3 convs + 2 max-pools -> sliding windows; the input
+    # quantizer -> one Thresholding layer.
+    assert ops["MVAU_hls"] == 5 and ops["Pool_hls"] == 2
+    assert ops["ConvolutionInputGenerator_rtl"] == 5
+    assert ops["Thresholding_rtl"] == 1
+    mvaus = {k: v for k, v in flow["estimates"].items() if k.startswith("MVAU")}
+    assert len(mvaus) == 5 and all(v["LUT"] > 0 for v in mvaus.values())
+
+
+@pytest.mark.slow
 def test_finn_rejects_bipolar_activation_with_non_unit_scale(tmp_path, finn_python):
     """A bipolar activation of scale 0.5 is valid QONNX (qonnx reproduces PyTorch), but
     FINN's ConvertQONNXtoFINN accepts only scale-1 BipolarQuant activations."""

@@ -3,13 +3,15 @@
 import math
 
 import pytest
+import timm
 import torch
 from torch import nn
 
+from lr_quant.convert import convert_with_report
 from lr_quant.functional.sign import ternary_sign
 from lr_quant.moments import MomentTensor
 from lr_quant.quant.threshold import (MIN_HALF_WIDTH, TernaryThreshold, ThresholdShift,
-                                      attach_threshold)
+                                      attach_threshold, calibrate_thresholds)
 
 
 def _bins(u):
@@ -132,3 +134,30 @@ def test_binary_balance_degenerate_moves_a_constant_sign():
     assert sh.balance_degenerate(x) == 2
     smallest_positive = torch.where(x > 0, x, torch.inf).min(0).values
     torch.testing.assert_close(sh.threshold.detach(), 0.5 * smallest_positive)
+
+
+def test_calibrate_thresholds_balances_relu_inputs_and_restores_bn():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    model, _ = convert_with_report(model, "resnet_w1a1")
+    bn = model.layer1[0].bn1
+    before = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+    x = torch.randn(8, 3, 32, 32)
+    calibrate_thresholds(model, x)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert torch.equal(bn.num_batches_tracked, before[2])
+    # layer2.0.conv1 reads a ReLU output (kept: it also feeds the residual): >= half zeros
+    # per channel, so the median is 0 and sign(x - 0) would be constant +1
+    shift = model.layer2[0].conv1.input_quant.fused_activation_quant_proxy.activation_impl
+    inputs = {}
+    def grab(module, args):
+        inputs.setdefault("x", args[0])
+    shift.register_forward_pre_hook(grab)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    xin = inputs["x"]
+    assert (xin >= 0).all()
+    t = shift.threshold.detach().view(1, -1, 1, 1)
+    frac = (xin >= t).float().mean((0, 2, 3))
+    assert ((frac > 0) & (frac < 1)).float().mean() > 0.9

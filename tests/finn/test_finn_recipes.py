@@ -1,0 +1,64 @@
+"""Every packaged FINN recipe, the way a user runs it: `lr-quant train` (1 epoch on the
+offline digits) -> `lr-quant export` -> finn-plus' build steps up to the estimate reports.
+
+The oracle is the frozen PyTorch network (loaded back from final.safetensors): FINN's
+python execution after streamlining and after partitioning must reproduce it, the whole
+network must sit in one StreamingDataflowPartition, and FINN must estimate every layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lr_quant
+from lr_quant.cli import main
+from lr_quant.finn import check_with_finn, ensure_finn_env
+from lr_quant.recipe import Recipe
+from lr_quant.train import load_trained_model
+
+RECIPES = sorted((Path(lr_quant.__file__).resolve().parents[1] / "recipes").glob("finn_*.yaml"))
+#: small widths of the models the FINN recipes name (the topology is what FINN sees)
+TINY_MODELS = {"finn_cnv": "{channels: [8, 16, 16], fc_features: 16}"}
+
+
+def test_there_is_a_finn_recipe_for_each_tiny_model():
+    assert {Recipe.from_yaml(p).model.name for p in RECIPES} <= set(TINY_MODELS)
+    assert RECIPES
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_finn_recipe_trains_exports_and_maps_into_one_dataflow_partition(path, tmp_path):
+    recipe = Recipe.from_yaml(path)
+    run = tmp_path / "run"
+    argv = ["train", "-c", str(path), "--output", str(run), "--data.dataset", "digits",
+            "--data.image_size", "32", "--train.epochs", "1", "--train.batch_size", "64",
+            "--data.train_fraction", "0.5", "--train.sampled_networks", "1",
+            "--train.bn_reestimate_batches", "2", "--no-progress",
+            "--set", f"model.kwargs={TINY_MODELS[recipe.model.name]}"]
+    assert main(argv) == 0
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", str(run / "final.safetensors"), "--output", str(onnx_path)]) == 0
+
+    model, _, _ = load_trained_model(run / "final.safetensors")
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    assert len({tuple(r) for r in np.round(expected, 4)}) > 1  # not a constant network
+    result = check_with_finn(onnx_path, x.numpy(), expected, atol=1e-3, dataflow=True,
+                             python=ensure_finn_env(), work_dir=tmp_path / "finn")
+    flow = result["dataflow"]
+    assert result["ok"], result["problems"]
+    assert flow["partitions"] == 1
+    assert set(flow["outside"]) <= {"Transpose", "Reshape", "Flatten", "TopK"}
+    for step in ("step_streamline", "step_create_dataflow_partition"):
+        assert flow["stages"][step]["max_abs_err"] <= 1e-3, step
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    ops = flow["partition_op_types"]
+    assert sum(v for k, v in ops.items() if k.startswith("MVAU")) == len(layers)
+    assert all(v["LUT"] > 0 for k, v in flow["estimates"].items() if k.startswith("MVAU"))
