@@ -3,9 +3,9 @@
 A recipe is YAML (or a dict) validated *strictly* into :class:`Recipe`: an unknown key, a
 value of the wrong type or an unknown quantizer name raises :class:`RecipeError` naming
 the key path (``weights.distribution``), the bad value and the valid choices. One
-generic validator (:func:`from_dict`) reads the dataclass type hints and recurses through
-Optional / Union / List / Tuple / Dict / Literal / nested dataclasses; it also validates
-the ``train:`` and ``data:`` sections (:class:`lr_quant.train_config.TrainConfig`,
+generic validator (:func:`lr_quant.schema.from_dict`) reads the dataclass type hints and
+recurses through Optional / Union / List / Tuple / Dict / Literal / nested dataclasses; it
+also validates the ``train:`` and ``data:`` sections (:class:`lr_quant.train_config.TrainConfig`,
 :class:`~lr_quant.train_config.DataConfig`), whose ``__post_init__`` checks run too.
 
     recipe = load_recipe("resnet_w1")                 # packaged recipes/<name>.yaml
@@ -17,14 +17,11 @@ See docs/recipes.md for the schema, the quantizer names and override precedence.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 import yaml
 
@@ -33,6 +30,7 @@ from .functional import DEFAULT_EPS
 from .quant.threshold import THRESHOLD_INITS
 from .registry import (available_act_quantizers, available_weight_quantizers,
                        get_act_quantizer, get_weight_quantizer)
+from .schema import RecipeError, did_you_mean, from_dict, join_path, to_dict
 from .train_config import DataConfig, TrainConfig
 
 __all__ = [
@@ -57,20 +55,6 @@ __all__ = [
 RECIPE_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 REGEX_PREFIX = "re:"
-
-
-class RecipeError(ValueError):
-    """A recipe that does not validate; ``path`` is the dotted key path of the problem."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        super().__init__(f"{path or '<recipe>'}: {message}")
-
-
-def _join(path: str, key) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
 
 
 # -- quantizer specs: a registered name, or {name: ..., **options} -----------------------
@@ -110,7 +94,7 @@ class _QuantSpec:
                                     f"options}}, got {type(value).__name__} {value!r}")
         if name not in cls._choices():
             raise RecipeError(path, f"unknown {cls.kind} quantizer {name!r}; valid choices: "
-                                    f"{list(cls._choices())}{_did_you_mean(name, cls._choices())}")
+                                    f"{list(cls._choices())}{did_you_mean(name, cls._choices())}")
         spec = cls(name, tuple(sorted((k, _freeze(v)) for k, v in options.items())))
         try:
             spec.resolve()
@@ -172,11 +156,6 @@ class ActQuantSpec(_QuantSpec):
     @classmethod
     def _choices(cls):
         return available_act_quantizers()
-
-
-def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_pattern(pattern: str, path: str) -> None:
@@ -318,7 +297,7 @@ class Recipe:
             raise RecipeError("version", f"recipe version {self.version} is not supported "
                                          f"(this lr_quant reads {list(SUPPORTED_VERSIONS)})")
         for key in self.overrides:
-            check_pattern(key, _join("overrides", key))
+            check_pattern(key, join_path("overrides", key))
 
     # -- I/O ----------------------------------------------------------------------------
     @classmethod
@@ -348,140 +327,6 @@ class Recipe:
         if path is not None:
             Path(path).write_text(text)
         return text
-
-
-# -- the generic dataclass validator ---------------------------------------------------
-
-
-def from_dict(cls, data, path: str = ""):
-    """Build dataclass `cls` from a mapping, checking every key and type against the type
-    hints (recursively); raises RecipeError naming the key path."""
-    return _convert(data, cls, path)
-
-
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _convert(value, tp, path: str):
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise RecipeError(path, f"null is not allowed; expected {_type_name(tp)}")
-        errors = []
-        for alt in args:
-            if alt is type(None):
-                continue
-            try:
-                return _convert(value, alt, path)
-            except RecipeError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        raise RecipeError(path, f"{value!r} matches none of {_type_name(tp)}: "
-                                f"{'; '.join(str(e) for e in errors)}")
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(path, f"{value!r} is not one of {list(args)}")
-        return value
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(path, f"expected a list, got {type(value).__name__} {value!r}")
-        (item,) = args or (Any,)
-        return [_convert(v, item, _join(path, i)) for i, v in enumerate(value)]
-    if origin in (tuple, Tuple):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(path, f"expected a list, got {type(value).__name__} {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], _join(path, i)) for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise RecipeError(path, f"expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(v, a, _join(path, i)) for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (dict, Dict):
-        if not isinstance(value, Mapping):
-            raise RecipeError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
-        key_tp, val_tp = args or (Any, Any)
-        return {_convert(k, key_tp, _join(path, k)): _convert(v, val_tp, _join(path, k))
-                for k, v in value.items()}
-    if isinstance(tp, type) and hasattr(tp, "_from_recipe"):
-        return tp._from_recipe(value, path)
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(value, tp, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(path, f"expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(path, f"expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(path, f"expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(path, f"expected a string, got {type(value).__name__} {value!r}")
-        return value
-    if isinstance(tp, type):
-        if not isinstance(value, tp):
-            raise RecipeError(path, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise TypeError(f"{path}: the recipe validator does not support type {tp!r}")
-
-
-def _convert_dataclass(value, cls, path: str):
-    if isinstance(value, cls):
-        value = to_dict(value)
-    if not isinstance(value, Mapping):
-        raise RecipeError(path, f"expected a mapping (section {cls.__name__}), got "
-                                f"{type(value).__name__} {value!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in value if k not in fields]
-    if unknown:
-        key = unknown[0]
-        raise RecipeError(_join(path, key), f"unknown key {key!r}; valid keys: "
-                                            f"{list(fields)}{_did_you_mean(str(key), fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = _convert(value[name], hints[name], _join(path, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(_join(path, name), "required key is missing")
-    try:
-        return cls(**kwargs)
-    except RecipeError as e:
-        if path and not e.path.startswith(path):
-            raise RecipeError(_join(path, e.path), str(e).split(": ", 1)[1]) from None
-        raise
-    except (ValueError, TypeError) as e:
-        # __post_init__ checks (e.g. TrainConfig): name the field when the message does
-        message = str(e)
-        field_name = next((n for n in fields if re.match(rf"^{re.escape(n)}\b", message)), None)
-        raise RecipeError(_join(path, field_name) if field_name else path, message) from None
-
-
-def to_dict(obj) -> Any:
-    """Plain-data (YAML-safe) form of a recipe dataclass; `from_dict` inverts it."""
-    if hasattr(obj, "_to_recipe"):
-        return obj._to_recipe()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
 
 
 # -- packaged recipes -------------------------------------------------------------------
@@ -522,5 +367,5 @@ def load_recipe(path_or_name) -> Recipe:
             return Recipe.from_yaml(candidate)
     names = available_recipes()
     raise FileNotFoundError(
-        f"no recipe named {text!r}; packaged recipes: {names}{_did_you_mean(text, names)} "
+        f"no recipe named {text!r}; packaged recipes: {names}{did_you_mean(text, names)} "
         f"(searched {[str(d) for d in recipe_dirs()]})")

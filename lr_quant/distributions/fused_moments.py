@@ -1,0 +1,98 @@
+"""Mean and variance of binary and ternary weights, optionally scaled per channel, as
+single autograd nodes with hand-derived backward passes (formulas in each class)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["BinaryMoments", "TernaryMoments", "ScaledMoments"]
+
+
+def _sech2_half(logits: Tensor) -> Tensor:
+    """sech^2(t/2) = 4 sigmoid(t) sigmoid(-t) = 4e / (1 + e)^2, e = exp(-|t|)."""
+    e = torch.exp(-logits.abs())
+    return 4.0 * e / (1.0 + e).square_()
+
+
+class ScaledMoments(torch.autograd.Function):
+    """(mu s, var s^2) of a per-weight distribution with a per-channel scale s (or s = 1
+    when None), fused into one autograd node: only the logits and s are saved, and the
+    backward recomputes the elementwise statistics instead of keeping weight-sized tensors
+    alive (binary: 2, ternary: 6 fewer per layer). Subclasses give ``_stats(logits)`` ->
+    (mu, var, aux) and ``_grad_logits(logits, aux, g_mu, g_var)`` for the unscaled
+    moments; then d/ds = sum(g_m mu + 2 s g_v var) and the logits see g_m s, g_v s^2."""
+
+    @classmethod
+    def _stats(cls, logits):
+        raise NotImplementedError
+
+    @classmethod
+    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+        raise NotImplementedError
+
+    @classmethod
+    def forward(cls, ctx, logits, scale):
+        mean, var, _ = cls._stats(logits)
+        if scale is None:
+            ctx.save_for_backward(logits)
+            return mean, var
+        ctx.save_for_backward(logits, scale)
+        return mean * scale, var * (scale * scale)
+
+    @classmethod
+    def backward(cls, ctx, grad_mean, grad_var):
+        logits, *rest = ctx.saved_tensors
+        mean, var, aux = cls._stats(logits)
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_var = torch.zeros_like(var) if grad_var is None else grad_var
+        if not rest:
+            return cls._grad_logits(logits, aux, grad_mean, grad_var), None
+        (scale,) = rest
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad_mean * mean + 2.0 * scale * grad_var * var).sum_to_size(
+                scale.shape)
+        grad_logits = cls._grad_logits(logits, aux, grad_mean * scale,
+                                       grad_var * (scale * scale))
+        return grad_logits, grad_scale
+
+
+class TernaryMoments(ScaledMoments):
+    """Shayer's ternary moments with p0 = sigmoid(a), n = 1 - p0 = sigmoid(-a),
+    m = 2q - 1 = tanh(b/2), r = 4q(1 - q) = sech^2(b/2):  mu = n m,
+    var = n (p0 m^2 + r)  (non-negative terms, p0 and n each computed directly).
+    Backward by hand: dmu/da = -n p0 m, dmu/db = n r / 2,
+    dvar/da = -n p0 ((p0 - n) m^2 + r), dvar/db = -n^2 r m."""
+
+    @classmethod
+    def _stats(cls, logits):
+        p_zero = torch.sigmoid(logits[0])
+        n = torch.sigmoid(-logits[0])
+        m = torch.tanh(0.5 * logits[1])
+        r = _sech2_half(logits[1])
+        return n * m, n * (p_zero * m.square() + r), (p_zero, n, m, r)
+
+    @classmethod
+    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+        p_zero, n, m, r = aux
+        grad_a = -(n * p_zero) * (grad_mean * m + grad_var * ((p_zero - n) * m.square() + r))
+        grad_b = n * r * (0.5 * grad_mean - grad_var * n * m)
+        return torch.stack([grad_a, grad_b])
+
+
+class BinaryMoments(ScaledMoments):
+    """mu = tanh(theta/2), var = sech^2(theta/2) = 4 p (1 - p) = 4e / (1 + e)^2 with
+    e = exp(-|theta|) (no cancellation, > 0 for every theta; exp is vectorized on CPU where
+    cosh is not), one fused backward: dmu/dtheta = var / 2, dvar/dtheta = -var * mu."""
+
+    @classmethod
+    def _stats(cls, logits):
+        mean = torch.tanh(0.5 * logits)
+        var = _sech2_half(logits)
+        return mean, var, (mean, var)
+
+    @classmethod
+    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+        mean, var = aux
+        return var * (0.5 * grad_mean - grad_var * mean)
