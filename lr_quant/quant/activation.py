@@ -31,7 +31,8 @@ the discrete output) so a following LR layer can use the moments; Brevitas layer
 not know moments just use the sample.
 
 sigma_a and tau are buffers (sigma_a a parameter when ``sign_learn_noise_std=True``) with
-setters; ``ParamSchedule`` gives linear / cosine / exponential schedules for a recipe.
+setters; :mod:`.sign_settings` sets them on every quantizer of a model and
+:class:`lr_quant.schedule.ParamSchedule` schedules them over training.
 
 # References
 - Roth et al. "Training Discrete-Valued Neural Networks with Sign Activations Using Weight
@@ -45,8 +46,7 @@ setters; ``ParamSchedule`` gives linear / cosine / exponential schedules for a r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -300,60 +300,7 @@ class StochasticTernaryThresholdActPerChannelConst(_ThresholdOptions,
     act_impl = TernaryThreshold
 
 
-def sign_quant_modules(model: nn.Module) -> Iterator[StochasticActQuant]:
-    """Every stochastic (binary or ternary) activation quantizer inside model."""
-    return (m for m in model.modules() if isinstance(m, StochasticActQuant))
+# model walkers and the schedule live in their own modules (re-exported here)
+from lr_quant.schedule import ParamSchedule  # noqa: E402
 
-
-def set_sign_temperature(model: nn.Module, tau: float) -> int:
-    """Set tau on every stochastic activation of model; returns how many were set."""
-    return _set_on_signs(model, StochasticActQuant.set_temperature, tau)
-
-
-def set_sign_noise_std(model: nn.Module, sigma: float) -> int:
-    """Set sigma_a on every stochastic activation of model; returns how many were set."""
-    return _set_on_signs(model, StochasticActQuant.set_noise_std, sigma)
-
-
-def _set_on_signs(model: nn.Module, setter, value: float) -> int:
-    signs = list(sign_quant_modules(model))
-    for m in signs:
-        setter(m, value)
-    return len(signs)
-
-
-@dataclass(frozen=True)
-class ParamSchedule:
-    """A scalar going from ``start`` to ``end`` over ``steps`` steps, then staying at end.
-
-    kind: "constant" (start), "linear", "cosine" (half cosine) or "exponential" (geometric;
-    start and end > 0). ``schedule(step)`` returns the value.
-    """
-    start: float
-    end: float
-    steps: int
-    kind: str = "linear"
-
-    KINDS = ("constant", "linear", "cosine", "exponential")
-
-    def __post_init__(self):
-        if self.kind not in self.KINDS:
-            raise ValueError(f"schedule kind must be one of {self.KINDS}, got {self.kind!r}")
-        if int(self.steps) < 1:
-            raise ValueError(f"schedule steps must be >= 1, got {self.steps}")
-        if not (math.isfinite(self.start) and math.isfinite(self.end)):
-            raise ValueError("schedule start and end must be finite")
-        if self.kind == "exponential" and (self.start <= 0 or self.end <= 0):
-            raise ValueError("exponential schedule needs start > 0 and end > 0")
-
-    def __call__(self, step: int) -> float:
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        r = min(step, self.steps) / self.steps
-        if self.kind == "constant":
-            return float(self.start)
-        if self.kind == "linear":
-            return self.start + (self.end - self.start) * r
-        if self.kind == "cosine":
-            return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * r))
-        return self.start * (self.end / self.start) ** r
+from .sign_settings import set_sign_noise_std, set_sign_temperature, sign_quant_modules  # noqa: E402
