@@ -31,7 +31,7 @@ from qonnx.core.onnx_exec import execute_onnx
 from qonnx.util.cleanup import cleanup_model
 from torch import nn
 
-import lr_quant.finn as lrfinn
+import lr_quant.finn.env as lrfinn
 from lr_quant.finn import FinnCheckError, FinnEnvError, check_with_finn, ensure_finn_env
 
 IN_SHAPE = (3, 16, 16)
