@@ -8,7 +8,9 @@ and a ``{"__tensor__": name}`` placeholder in the JSON. Loading executes no code
 pickle), so a checkpoint from an untrusted source cannot run anything.
 
 Writes go to ``<path>.tmp`` and are renamed with ``os.replace``: a crash mid-write leaves
-the previous checkpoint intact.
+the previous checkpoint intact, and any exception (KeyboardInterrupt too) removes the
+``.tmp`` file. What a SIGKILL leaves (``*.tmp``, ``*.pending``, safetensors' own hidden
+``.tmpXXXXXX``) is removed by `remove_stale_temp_files` when the next training run starts.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "capture_rng_state",
-           "restore_rng_state", "load_model_state", "full_state_dict", "atomic_write_text",
-           "FORMAT"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_checkpoint_meta",
+           "capture_rng_state", "restore_rng_state", "load_model_state", "full_state_dict",
+           "describe_mismatch", "atomic_write_text", "replacing",
+           "remove_stale_temp_files", "FORMAT"]
 
 FORMAT = "lr_quant.checkpoint/1"
 PathLike = Union[str, os.PathLike]
@@ -35,11 +40,46 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model."""
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
+@contextmanager
+def replacing(path: PathLike, tmp_name: Optional[str] = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; it then replaces `path`
+    (``os.replace``), or is removed if the block raises anything (KeyboardInterrupt too).
+    tmp_name: its file name (default ``<name>.tmp``)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(tmp_name or path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (see `replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+# What an interrupted write leaves: our `replacing` temporaries (``<name>.tmp``,
+# ``curves.tmp.png``), a training checkpoint not yet confirmed (``<name>.pending``,
+# lr_quant.train.trainer) and the hidden file recent safetensors (0.8) writes before renaming
+# it onto ours (the Rust tempfile crate's ``.tmp`` + 6 alphanumerics).
+STALE_TEMP_FILE = re.compile(r"(.+\.tmp|.+\.tmp\.png|.+\.pending|\.tmp[A-Za-z0-9]{6})")
+
+
+def remove_stale_temp_files(folder: PathLike) -> List[str]:
+    """Remove the temporary files an interrupted (killed) write left in `folder`
+    (`STALE_TEMP_FILE`); returns their names. Call it only where no other writer is active
+    (the start of a training run in its output folder)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for entry in sorted(folder.iterdir()):
+            if STALE_TEMP_FILE.fullmatch(entry.name) and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+    return removed
 
 
 def _flatten(obj: Any, prefix: str, tensors: Dict[str, Tensor]) -> Any:
@@ -122,34 +162,71 @@ def save_checkpoint(path: PathLike, model: nn.Module, meta: Dict[str, Any],
         tensors[f"model/{name}"] = value.detach().cpu().contiguous()
     state_json = _flatten(training_state or {}, "state", tensors)
     metadata = {"format": FORMAT, "meta": json.dumps(meta), "state": json.dumps(state_json)}
-    tmp = path.with_name(path.name + ".tmp")
-    # clones: safetensors refuses tensors that share storage (tied weights, views)
-    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        # clones: safetensors refuses tensors that share storage (tied weights, views)
+        save_file({k: v.clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path
 
 
-def load_checkpoint(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any], Dict[str, Any]]:
-    """(model_state, meta, training_state) of a checkpoint; CheckpointError if unreadable."""
+NOT_CHECKPOINTS = {".onnx": "an ONNX model (what lr-quant export writes)",
+                   ".yaml": "a YAML file (a recipe?)", ".yml": "a YAML file (a recipe?)",
+                   ".pth": "a PyTorch pickle file", ".pt": "a PyTorch pickle file",
+                   ".bin": "a PyTorch pickle file", ".ckpt": "a PyTorch pickle file"}
+
+
+def _open_checkpoint(path: PathLike, tensors: bool):
+    """(metadata, tensors or None) of an lr_quant safetensors file, with readable errors."""
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; give a checkpoint file, e.g. "
+            f"{path / 'final.safetensors'} (frozen) or {path / 'checkpoint.safetensors'}"
+            + (f" (it holds {', '.join(found)})" if found else " (it holds no .safetensors)"))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if metadata.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not an lr_quant checkpoint "
-                                  f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+            values = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
+    except Exception as e:  # safetensors raises its own error types on truncated files
+        what = NOT_CHECKPOINTS.get(path.suffix.lower())
+        if what or path.suffix.lower() != ".safetensors":
+            raise CheckpointError(
+                f"{path} is {what or 'not a safetensors file'}, not an lr_quant checkpoint; "
+                f"expected a .safetensors file written by lr-quant train (final.safetensors "
+                f"or checkpoint.safetensors)") from e
+        raise _corrupt(path, e) from e
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an lr_quant checkpoint "
+                              f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+    return metadata, values
+
+
+def _corrupt(path: PathLike, e: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
+                           f"{e}); resume from an older checkpoint or start again")
+
+
+def load_checkpoint_meta(path: PathLike) -> Dict[str, Any]:
+    """The JSON metadata of a checkpoint (epoch, recipe, ...) without reading its tensors."""
+    metadata, _ = _open_checkpoint(path, tensors=False)
+    try:
+        return json.loads(metadata["meta"])
+    except (KeyError, ValueError) as e:
+        raise _corrupt(path, e) from e
+
+
+def load_checkpoint(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any], Dict[str, Any]]:
+    """(model_state, meta, training_state) of a checkpoint; CheckpointError if unreadable."""
+    metadata, tensors = _open_checkpoint(path, tensors=True)
+    try:
         meta = json.loads(metadata["meta"])
         state = _unflatten(json.loads(metadata["state"]), tensors)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types on truncated files
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
-                              f"{e}); resume from an older checkpoint or start again") from e
+    except (KeyError, ValueError, TypeError) as e:
+        raise _corrupt(path, e) from e
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     return model_state, meta, state
 
@@ -167,26 +244,30 @@ def load_model_state(model: nn.Module, state: Dict[str, Tensor], source: str = "
     # initialized (ParameterFromRuntimeStatsScaling.state_dict); such keys may be absent
     # from a checkpoint saved before that (the module then collects statistics again).
     optional = set(own) - set(model.state_dict())
-    missing = sorted(set(own) - set(state) - optional)
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        def head(items):
-            return ", ".join(items[:5]) + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys {head(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {head(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches {head(mismatched)}")
+    problems = describe_mismatch({k: v.shape for k, v in own.items()},
+                                 {k: v.shape for k, v in state.items()}, optional)
+    if problems:
         raise CheckpointError(f"{source} does not fit this model (another architecture or "
-                              f"recipe?): " + "; ".join(parts))
+                              f"recipe?): {problems}")
     result = model.load_state_dict(state, strict=False)
     left = sorted(set(result.missing_keys) - optional) + sorted(result.unexpected_keys)
     if left:  # the key sets were checked above; this would be a loader inconsistency
         raise CheckpointError(f"{source}: keys not loaded {', '.join(left[:5])}")
+
+
+def describe_mismatch(own: Dict[str, Any], theirs: Dict[str, Any], optional=()) -> str:
+    """"missing keys ...; unexpected keys ...; shape mismatches ..." of two {key: shape}
+    maps (`own`: the model's; keys in `optional` may be absent); "" when they fit."""
+    missing = sorted(set(own) - set(theirs) - set(optional))
+    unexpected = sorted(set(theirs) - set(own))
+    mismatched = [f"{k}: {tuple(theirs[k])} vs {tuple(own[k])}"
+                  for k in own if k in theirs and tuple(theirs[k]) != tuple(own[k])]
+
+    def head(items):
+        return ", ".join(items[:5]) + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
+    return "; ".join(f"{label} {head(items)}" for label, items in
+                     (("missing keys", missing), ("unexpected keys", unexpected),
+                      ("shape mismatches", mismatched)) if items)
 
 
 def full_state_dict(model: nn.Module) -> Dict[str, Tensor]:

@@ -1,7 +1,7 @@
 """`lr-quant` command line: parses arguments and calls the library.
 
     lr-quant quickstart                        # the whole product offline, in a minute or two
-    lr-quant convert -c recipes/resnet_w1.yaml --output runs/r18
+    lr-quant convert -c recipes/resnet_w1.yaml --output runs/r18-converted
     lr-quant train   -c recipes/resnet_w1.yaml --output runs/r18 --train.epochs 3
     lr-quant eval    runs/r18/final.safetensors
     lr-quant export  runs/r18/final.safetensors --output runs/r18/model.onnx
@@ -10,7 +10,9 @@
 Recipe values are set in this order (last wins): the recipe's defaults, the `-c` YAML file,
 then flags named by their key path: `--train.epochs 3`, `--data.root /data/imagenette`,
 `--model.checkpoint fp.safetensors`, or `--set weights.conv=lr_ternary_per_channel` for any
-key. The resolved recipe is written as recipe.yaml beside the outputs.
+key. The resolved recipe is written as recipe.yaml beside the outputs. No command writes
+onto one of its inputs; `train` / `convert` refuse an --output folder that holds a run
+unless `--resume` (train) or `--force` (replace it), and lock it while they run.
 Under torchrun the same `train` command runs data-parallel:
 `torchrun --nproc_per_node 2 -m lr_quant.cli train -c recipe.yaml --output runs/x`.
 """
@@ -22,6 +24,7 @@ import dataclasses
 import os
 import sys
 import typing
+import warnings
 from typing import Any, Dict, List, Optional
 
 __all__ = ["main", "build_parser", "resolve_recipe", "parse_value"]
@@ -54,6 +57,7 @@ EXAMPLES = """examples:
   lr-quant quickstart
   lr-quant train -c recipes/quickstart.yaml --output runs/q --train.epochs 2
   lr-quant train -c my.yaml --output runs/q --resume           # continue runs/q/checkpoint.safetensors
+  lr-quant train -c my.yaml --output runs/q --force            # replace the run in runs/q
   lr-quant eval runs/q/final.safetensors --split val
   lr-quant export runs/q/final.safetensors --output runs/q/model.onnx
 """
@@ -149,44 +153,65 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
+def _recipe_inputs(args, recipe) -> Dict[str, Any]:
+    """The input files of a recipe command, by flag."""
+    return {"-c": args.config, "--model.checkpoint": recipe.model.checkpoint}
+
+
 def _cmd_train(args) -> int:
+    from pathlib import Path
+
     from .distributed import cleanup_distributed
+    from .run_folder import RUN_FILES, check_not_input
     from .train import run_training
 
     recipe = resolve_recipe(args)
     resume = args.resume
+    # resuming rewrites recipe.yaml and checkpoint.safetensors by design
+    kept = () if args.force or resume is None else ("recipe.yaml", "checkpoint.safetensors")
+    check_not_input([Path(args.output) / n for n in RUN_FILES if n not in kept],
+                    {**_recipe_inputs(args, recipe),
+                     "--resume": None if resume == "auto" else resume})
     try:
         run_training(recipe, args.output, resume=resume, progress=not args.no_progress,
-                     stop_after_steps=args.stop_after_steps)
+                     stop_after_steps=args.stop_after_steps, force=args.force)
     finally:
         cleanup_distributed()
     return 0
 
 
 def _cmd_convert(args) -> int:
+    from contextlib import nullcontext
     from pathlib import Path
 
     from .checkpoint import atomic_write_text, save_checkpoint
     from .convert import convert_with_report
-    from .train import build_float_model
+    from .run_folder import check_not_input, open_run_folder
+    from .train import build_float_model, estimate_checkpoint_bytes
 
     recipe = resolve_recipe(args)
     num_classes = recipe.model.num_classes
     if num_classes is None:
         raise ValueError("convert needs model.num_classes (in the recipe or "
                          "--model.num_classes N)")
-    model = build_float_model(recipe, num_classes)
-    model, report = convert_with_report(model, recipe)
-    print(report)
-    if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
-        atomic_write_text(out / "conversion.txt", str(report) + "\n")
-        path = save_checkpoint(out / "converted.safetensors", model,
-                               {"model": recipe.model.name, "num_classes": num_classes,
-                                "recipe": recipe.to_dict(), "stage": "converted"})
-        print(f"wrote {path}, {out / 'recipe.yaml'}, {out / 'conversion.txt'}")
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        names = ("recipe.yaml", "conversion.txt", "converted.safetensors")
+        check_not_input([out / n for n in names], _recipe_inputs(args, recipe))
+    with (open_run_folder(out, force=args.force, resumable=False,
+                          need_bytes=estimate_checkpoint_bytes(recipe))
+          if out is not None else nullcontext()) as folder:
+        model = build_float_model(recipe, num_classes)
+        model, report = convert_with_report(model, recipe)
+        print(report)
+        if folder is not None:
+            folder.clear()
+            atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+            atomic_write_text(out / "conversion.txt", str(report) + "\n")
+            path = save_checkpoint(out / "converted.safetensors", model,
+                                   {"model": recipe.model.name, "num_classes": num_classes,
+                                    "recipe": recipe.to_dict(), "stage": "converted"})
+            print(f"wrote {path}, {out / 'recipe.yaml'}, {out / 'conversion.txt'}")
     return 0
 
 
@@ -229,13 +254,19 @@ def _cmd_export(args) -> int:
     from pathlib import Path
 
     from .export import export_qonnx
+    from .run_folder import RunFolderError, check_not_input, check_output_folder
     from .train import load_trained_model
 
+    output = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))
+    if output.is_dir():
+        raise RunFolderError(f"--output {output} is a folder; give the .onnx file to write")
+    check_not_input([output], {"checkpoint": args.checkpoint})
+    check_output_folder(output.parent, Path(args.checkpoint).stat().st_size
+                        if Path(args.checkpoint).is_file() else 0)
     model, recipe, meta = load_trained_model(args.checkpoint)
     if not meta.get("frozen"):
         raise ValueError(f"{args.checkpoint} is not a frozen network; export "
                          f"final.safetensors (written when training ends)")
-    output = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))
     example = _example_input(model, recipe, args.batch_size)
     result = export_qonnx(model, example, output, require_frozen=True, num_checks=4)
     print(f"exported {result.path}; verified by qonnx on {result.num_checks} inputs: max abs "
@@ -262,6 +293,11 @@ def model_summary_table(model, example) -> str:
 
 
 # -- parser -------------------------------------------------------------------------------
+def _paragraphs(*texts: str) -> str:
+    import textwrap
+    return "\n\n".join(textwrap.fill(t, 88) for t in texts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lr-quant", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -290,18 +326,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="fine-tune a recipe's model from its pretrained FP weights",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build the recipe's timm model with its pretrained FP weights "
-                    "(model.checkpoint: a local file; model.pretrained: true for the hub), "
-                    "convert it, fine-tune the LR weight distributions (KD from the FP model), "
-                    "freeze, re-estimate BatchNorm, pick among sampled networks on a validation "
-                    "split of the training data. Writes recipe.yaml, checkpoint.safetensors "
-                    "(resumable), final.safetensors (frozen), history.csv/json, curves.png and "
-                    "metrics.json to --output.",
+        description=_paragraphs(
+            "Build the recipe's timm model with its pretrained FP weights (model.checkpoint: "
+            "a local file; model.pretrained: true for the hub), convert it, fine-tune the LR "
+            "weight distributions (KD from the FP model), freeze, re-estimate BatchNorm, pick "
+            "among sampled networks on a validation split of the training data. Writes "
+            "recipe.yaml, checkpoint.safetensors (resumable), final.safetensors (frozen), "
+            "history.csv/json, curves.png and metrics.json to --output.",
+            "The --output folder is checked first (writable, free space for a checkpoint) and "
+            "locked while the run lasts; a folder that holds a run is refused unless --resume "
+            "or --force.",
+            "--resume compares the recipe with the one in the checkpoint. It applies (and "
+            "records) changed train: settings (epochs, lr_logits, lr_params, schedules, "
+            "grad_clip, ...), data.root / num_workers / download, name and description. It "
+            "refuses, writing nothing, changes to anything else: model, weights, activations, "
+            "keep_fp, overrides, init, the data content and train.optimizer / batch_size / "
+            "seed / val_fraction / extra."),
         epilog="Runs data-parallel under torchrun: torchrun --nproc_per_node N -m lr_quant.cli "
                "train -c RECIPE --output DIR")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (default: OUTPUT/checkpoint.safetensors)")
+                   help="continue from CHECKPOINT (default: OUTPUT/checkpoint.safetensors, "
+                        "which must exist)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run in --output (its files are removed when the new run "
+                        "starts writing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     _add_recipe_args(p)
@@ -310,8 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a recipe's model and print what each layer became",
                        description="Build the recipe's model with its FP weights, convert it, "
                                    "print the conversion report; with --output also save the "
-                                   "converted model, recipe.yaml and the report.")
+                                   "converted model, recipe.yaml and the report. The classifier "
+                                   "of a weight file with another number of classes than "
+                                   "model.num_classes is re-initialized (a warning says so).")
     p.add_argument("--output", default=None, help="output folder (optional)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run or conversion in --output")
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_convert)
 
@@ -342,24 +395,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_own_warnings(command: str) -> None:
+    """lr_quant's warnings (ClassifierReinitWarning) as one stderr line each."""
+    from .models import ClassifierReinitWarning
+
+    show = warnings.showwarning
+
+    def one_line(message, category, *rest, **kw):
+        if issubclass(category, ClassifierReinitWarning):
+            print(f"lr-quant {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+    warnings.simplefilter("always", ClassifierReinitWarning)
+    warnings.showwarning = one_line
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .export import QONNXExportError, QONNXMismatchError
     from .models import ModelError
+    from .run_folder import RunFolderError
     from .train import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            _show_own_warnings(args.command)
+            return args.func(args)
     except (CheckpointError, DataError, ModelError, NonFiniteLossError, FileNotFoundError,
-            QONNXExportError, QONNXMismatchError, ValueError) as e:
+            QONNXExportError, QONNXMismatchError, RunFolderError, ValueError) as e:
         # user errors: one clear line, no traceback (RecipeError is a ValueError);
         # LR_QUANT_DEBUG=1 shows the traceback
         if os.environ.get("LR_QUANT_DEBUG"):
             raise
         print(f"lr-quant {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # the trainer has printed where the last checkpoint is and how to resume
+        print(f"lr-quant {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

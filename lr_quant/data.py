@@ -5,7 +5,8 @@
   MLP tensors; ``build_datasets`` upsamples them (bilinear) to ``image_size`` as 3-channel
   images, so timm image models run on them (the quick start and the tests).
 - ``imagefolder``: torchvision's ImageFolder, timm layout ``root/train/<class>/*.png`` and
-  ``root/val/<class>/*`` (or ``root/test``).
+  ``root/val/<class>/*`` (or ``root/test``); an unreadable image raises a one-line
+  ``DataError`` naming the file (``load_image``), also from DataLoader workers.
 - ``cifar10`` / ``cifar100``: torchvision, ``download=True`` needs a network.
 
 The validation split used for model selection (sampled networks, best epoch) is carved
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .train_config import DataConfig
 
 __all__ = ["digits_split", "digits_images", "Datasets", "build_datasets", "DataError",
-           "dataset_labels"]
+           "dataset_labels", "load_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,7 +37,30 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 class DataError(RuntimeError):
-    """A data set cannot be found or read (the message says what to do)."""
+    """A data set cannot be found or read (the message says what to do).
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as
+    ``DataError("Caught DataError in DataLoader worker process N.\nOriginal Traceback ...")``;
+    the message is cut back to the original one line."""
+
+    def __init__(self, message: str = ""):
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+def load_image(path: str):
+    """An image file as an RGB PIL image (the ImageFolder loader); a file PIL cannot read
+    (corrupt, truncated, not an image) raises a one-line DataError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace "
+                        f"the file (or re-extract the data set) and run again") from e
 
 
 def digits_split(
@@ -163,11 +187,12 @@ def _imagefolder(config: DataConfig):
                         f"{sorted(p.name for p in root.iterdir())}")
     try:
         train = ImageFolder(str(train_dir), _transforms(True, config.image_size, IMAGENET_MEAN,
-                                                        IMAGENET_STD, False))
+                                                        IMAGENET_STD, False), loader=load_image)
         train_eval = ImageFolder(str(train_dir), _transforms(False, config.image_size,
-                                                             IMAGENET_MEAN, IMAGENET_STD, False))
+                                                             IMAGENET_MEAN, IMAGENET_STD, False),
+                                 loader=load_image)
         test = ImageFolder(str(test_dir), _transforms(False, config.image_size, IMAGENET_MEAN,
-                                                      IMAGENET_STD, False))
+                                                      IMAGENET_STD, False), loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot read the image folders under {root}: {e}") from e
     if train.classes != test.classes:

@@ -5,7 +5,8 @@
   when ``num_classes`` differs from the hub model's).
 - ``pretrained="path/to/weights.safetensors"`` (or .pth/.bin): a local file through timm's
   ``pretrained_cfg_overlay=dict(file=...)``, the path tests and the quick start use. The
-  file's classifier is kept when its shape fits ``num_classes``.
+  file's classifier is kept when its shape fits ``num_classes``; otherwise it is
+  re-initialized and a ``ClassifierReinitWarning`` says so.
 - ``pretrained=False``: random initialization.
 
 ``save_weights`` writes a float model's state dict as safetensors (atomically), so it can be
@@ -14,27 +15,37 @@ loaded back with ``create_model(name, pretrained=path)``.
 
 from __future__ import annotations
 
+import difflib
 import os
+import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["create_model", "save_weights", "ModelError", "architecture_of"]
+__all__ = ["create_model", "save_weights", "ModelError", "ClassifierReinitWarning",
+           "architecture_of", "parameter_count"]
 
 
 class ModelError(RuntimeError):
     """A model name or a weight file is unusable (the message says why)."""
 
 
-def _file_num_classes(path: Path, name: str) -> Optional[int]:
-    """Number of classes of the classifier stored in a weight file (None if unknown)."""
+class ClassifierReinitWarning(UserWarning):
+    """A weight file's classifier has another number of classes: it was re-initialized."""
+
+
+def _classifier(name: str) -> str:
     import timm
 
     cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
-    classifier = getattr(cfg, "classifier", None) or "fc"
-    key = f"{classifier}.weight"
+    return getattr(cfg, "classifier", None) or "fc"
+
+
+def _file_num_classes(path: Path, name: str) -> Optional[int]:
+    """Number of classes of the classifier stored in a weight file (None if unknown)."""
+    key = f"{_classifier(name)}.weight"
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -55,8 +66,9 @@ def create_model(name: str, num_classes: int, pretrained: Union[bool, str, os.Pa
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise ModelError(f"unknown timm model {name!r}" + (f"; similar: {close}" if close else ""))
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
+        raise ModelError(f"unknown timm model {name!r}"
+                         + (f"; did you mean {', '.join(close)}?" if close else ""))
     if pretrained in (False, None, "", "none"):
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if pretrained is True or pretrained == "hub":
@@ -77,31 +89,40 @@ def create_model(name: str, num_classes: int, pretrained: Union[bool, str, os.Pa
         model = timm.create_model(name, pretrained=True, num_classes=num_classes,
                                   pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as e:  # size mismatch / missing keys from load_state_dict
+        fresh = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        problems = _mismatch(fresh, path) or " ".join(str(e).split())
         raise ModelError(f"weights in {path} do not fit {name!r} with {num_classes} classes: "
-                         f"{str(e).splitlines()[0]}") from e
-    _check_loaded(model, path, name)
+                         f"{problems}") from e
+    problems = _mismatch(model, path, shapes=False)   # timm adapts some shapes (in_chans)
+    if problems:   # timm loads non-strictly in places (it warns): refuse files that do not fit
+        raise ModelError(f"weights in {path} do not fit {name!r}: {problems}")
+    if file_classes is not None and file_classes != num_classes:
+        warnings.warn(f"the classifier of {path} has {file_classes} classes, the model "
+                      f"{num_classes}: the classifier ({_classifier(name)}) is re-initialized "
+                      f"randomly (train it)", ClassifierReinitWarning, stacklevel=2)
     return model
 
 
-def _file_keys(path: Path):
+def _file_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
-            return set(f.keys())
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     state = state.get("state_dict", state.get("model", state))
-    return set(state)
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _check_loaded(model: nn.Module, path: Path, name: str) -> None:
-    """timm loads non-strictly in places (it warns): refuse files that do not fit."""
+def _mismatch(model: nn.Module, path: Path, shapes: bool = True) -> str:
+    """The keys (and shapes) of the weight file that do not fit `model`, classifier aside."""
+    from .checkpoint import describe_mismatch
+
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "fc"
-    own = {k for k in model.state_dict() if not k.startswith(classifier + ".")}
-    keys = {k for k in _file_keys(path) if not k.startswith(classifier + ".")}
-    missing, unexpected = sorted(own - keys), sorted(keys - own)
-    if missing or unexpected:
-        raise ModelError(f"weights in {path} do not fit {name!r}: {len(missing)} missing keys "
-                         f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    own = {k: v.shape for k, v in model.state_dict().items()
+           if not k.startswith(classifier + ".")}
+    theirs = {k: own.get(k, v) if not shapes else v for k, v in _file_shapes(path).items()
+              if not k.startswith(classifier + ".")}
+    return describe_mismatch(own, theirs)
 
 
 def save_weights(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
@@ -121,3 +142,16 @@ def architecture_of(model: nn.Module) -> str:
     """A name for checks on load: timm's architecture name, else the class name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return str(cfg.get("architecture") or type(model).__name__)
+
+
+def parameter_count(name: str, num_classes: int = 1000, **kwargs) -> Optional[int]:
+    """Parameters of timm model `name`, built on the meta device (no memory, no weights);
+    None when it cannot be built there."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except Exception:   # unknown name, or a model that computes values while it is built
+        return None
+    return sum(p.numel() for p in model.parameters())

@@ -8,7 +8,8 @@
 
 Everything runs on a CPU without a network in a minute or two. The pretrained FP weights
 are saved as ``<output>/fp_<model>_digits.safetensors`` and reused on the next run (through
-timm's ``pretrained_cfg_overlay=dict(file=...)``, as any local weight file would be).
+timm's ``pretrained_cfg_overlay=dict(file=...)``, as any local weight file would be). A
+previous quick start in the output folder is replaced; a folder holding another run is refused.
 """
 
 from __future__ import annotations
@@ -61,11 +62,19 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(),
                    log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the quick start; returns the metrics (also written to <output>/metrics.json)."""
     from .export import export_qonnx
+    from .run_folder import (RUN_FILES, RunFolderError, check_not_input, check_output_folder,
+                             run_files)
     from .summary import model_summary
     from .train import build_datasets_for, format_metrics, run_training
 
     t0 = time.time()
     out = Path(config.output_dir)
+    check_not_input([out / n for n in RUN_FILES], {"--recipe": config.recipe})
+    check_output_folder(out)
+    # a previous quick start (its FP weights are there) is replaced; any other run is kept
+    if run_files(out) and not any(out.glob("fp_*_digits*.safetensors")):
+        raise RunFolderError(f"{out} holds a run that is not a quick start "
+                             f"({', '.join(run_files(out))}); choose another --output")
     out.mkdir(parents=True, exist_ok=True)
     recipe = load_run_recipe(config.recipe)
     model_name = recipe.model.name or "resnet10t"
@@ -92,7 +101,7 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(),
     log(f"[2/4] converting with recipe {config.recipe!r} and fine-tuning the LR weight "
         f"distributions ({train_cfg.epochs} epochs)")
     result = run_training(recipe, out, log=lambda m: log("      " + m.replace("\n", "\n      ")),
-                          progress=config.progress)
+                          progress=config.progress, force=True)
     metrics = result.metrics
 
     log(f"[3/4] freezing done (kept: {metrics['selected_network']}); exporting QONNX")

@@ -76,6 +76,9 @@ class TrainConfig:
     sharpness: ScheduleConfig = field(default_factory=ScheduleConfig)
     log_every: int = 50              # progress-bar postfix refresh, in steps
     checkpoint_every: int = 0        # also checkpoint every N steps (0: once per epoch)
+    # stop (LossDivergedError) when a step's loss exceeds this x max(1, the lowest running
+    # median of 20 step losses so far); 0 disables. NaN / inf losses always stop.
+    divergence_factor: float = 100.0
     eval_batch_size: int = 256
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +98,9 @@ class TrainConfig:
         if self.kd_weight > 1:
             raise ValueError(f"kd_weight must be in [0, 1] (loss = (1 - kd_weight) * CE + "
                              f"kd_weight * KD), got {self.kd_weight}")
+        if self.divergence_factor != 0 and not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1 (or 0: off), got "
+                             f"{self.divergence_factor}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.eval_batch_size < 1:

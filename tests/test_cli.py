@@ -93,10 +93,10 @@ def test_train_stop_resume_eval_export_summary(tmp_path, fp_weights, capsys):
                            "--stop-after-steps", "3"], capsys)
     assert rc == 0, err
     assert "stopped after 3 steps" in stdout and not (out / "final.safetensors").exists()
-    # an architecture the checkpoint was not made for: refused with a clear message
+    # a quantizer the checkpoint was not made for: refused with a clear message
     rc, _, err = run(["train", "--output", out, "--model.checkpoint", fp_weights, *TINY,
                       "--set", "weights.conv=lr_ternary_per_channel", "--resume"], capsys)
-    assert rc == 2 and "does not fit this model" in err
+    assert rc == 2 and "a resumed run cannot change" in err and "weights.conv" in err
     rc, stdout, err = run(["train", "--output", out, "--model.checkpoint", fp_weights, *TINY,
                            "--resume"], capsys)
     assert rc == 0, err

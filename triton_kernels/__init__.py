@@ -15,10 +15,10 @@ from .deploy import PackedConv2d, PackedLinear, PackReport, pack_model
 from .discrete import DiscreteWeight, NotDiscreteError, discretize_weight, layer_weight
 from .dispatch import choose_w1a1_kernel, packed_matmul
 from .ops import w1a1_int8_gemm, w1a8_gemm, w1a16_gemm, w2a16_gemm, xnor_gemm
-from .packing import num_words, pack_binary, pack_ternary, unpack_binary, unpack_ternary
+from .packing import num_words, pack_binary, pack_ternary, packed_k, unpack_binary, unpack_ternary
 
 __all__ = [
-    "pack_binary", "unpack_binary", "pack_ternary", "unpack_ternary", "num_words",
+    "pack_binary", "unpack_binary", "pack_ternary", "unpack_ternary", "num_words", "packed_k",
     "xnor_gemm", "w1a1_int8_gemm", "w1a8_gemm", "w1a16_gemm", "w2a16_gemm",
     "packed_matmul", "choose_w1a1_kernel", "packed_conv2d",
     "DiscreteWeight", "NotDiscreteError", "discretize_weight", "layer_weight",

@@ -16,7 +16,19 @@ import torch.nn.functional as F
 
 from .dispatch import bipolar, packed_matmul
 
-__all__ = ["conv_output_size", "packed_conv2d"]
+__all__ = ["conv_output_size", "conv_pair", "packed_conv2d"]
+
+
+def conv_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """``value`` (an int or a pair of ints) as a pair, each ``>= minimum``; a ValueError
+    naming the argument otherwise (a stride of 0 would divide by zero further down)."""
+    pair = (value, value) if isinstance(value, int) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -27,13 +39,14 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 def packed_conv2d(
     x: torch.Tensor,
     w_packed: torch.Tensor,
-    kernel_size: tuple[int, int],
+    kernel_size: int | tuple[int, int],
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    in_channels: int | None = None,
     weight_bits: int = 1,
     act_bits: int = 16,
     backend: str = "auto",
@@ -42,14 +55,22 @@ def packed_conv2d(
 
     Args:
         x: ``[B, C, H, W]`` float (``act_bits`` 1 / 16).
-        kernel_size, stride, padding, dilation: as in ``torch.nn.functional.conv2d``.
+        kernel_size, stride, padding, dilation: ints or pairs, as in
+            ``torch.nn.functional.conv2d`` (numeric padding only).
+        in_channels: the C the weight was packed for, checked against x: the word count
+            does not pin it (4 and 5 channels of a 3x3 kernel both take 2 words). A
+            ``w_packed`` straight from ``pack_*`` records its K, which is checked as well.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D [B, C, H, W] tensor, got {getattr(x, 'shape', type(x))}")
     if act_bits not in (1, 16):
         raise ValueError(f"packed_conv2d supports act_bits 1 or 16, got {act_bits}")
+    kh, kw = conv_pair("kernel_size", kernel_size, 1)
+    stride, dilation = conv_pair("stride", stride, 1), conv_pair("dilation", dilation, 1)
+    padding = conv_pair("padding", padding, 0)
     b, c, h, w = x.shape
-    kh, kw = kernel_size
+    if in_channels is not None and c != in_channels:
+        raise ValueError(f"x has {c} channels, the packed weight is for in_channels={in_channels}")
     k = c * kh * kw
     ho = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
     wo = conv_output_size(w, kw, stride[1], padding[1], dilation[1])

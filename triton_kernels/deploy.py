@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .conv import packed_conv2d
+from .conv import conv_pair, packed_conv2d
 from .discrete import NotDiscreteError, discretize_weight, layer_weight
 from .dispatch import packed_matmul
 from .packing import num_words, pack_binary, pack_ternary, unpack_binary, unpack_ternary
@@ -167,10 +167,10 @@ class PackedConv2d(_PackedBase):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1, padding=0, dilation=1,
                  weight_bits: int = 1, act_bits: int = 16, bias: bool = True, device=None):
         super().__init__()
-        pair = nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
-        self.padding, self.dilation = pair(padding), pair(dilation)
+        self.kernel_size = conv_pair("kernel_size", kernel_size, 1)
+        self.stride, self.dilation = conv_pair("stride", stride, 1), conv_pair("dilation", dilation, 1)
+        self.padding = conv_pair("padding", padding, 0)
         k = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._init_buffers(out_channels, k, weight_bits, act_bits, bias, device)
 
@@ -200,7 +200,7 @@ class PackedConv2d(_PackedBase):
         x = self._input(x)
         return packed_conv2d(x, self.weight_packed, self.kernel_size, self.weight_scale, self.bias,
                              stride=self.stride, padding=self.padding, dilation=self.dilation,
-                             weight_bits=self.weight_bits, act_bits=self.act_bits, backend=self.backend)
+                             in_channels=self.in_channels, weight_bits=self.weight_bits, act_bits=self.act_bits, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -1,7 +1,8 @@
 """Packed GEMM operators: validate operands, pick a backend, launch a kernel.
 
 Every op computes ``out[M, N] = x[M, K] @ w[N, K]^T`` with ``w`` packed along K
-(:mod:`triton_kernels.packing`); ``k`` is the true reduction length.
+(:mod:`triton_kernels.packing`); ``k`` is the true reduction length: it must need exactly
+the operands' word count, and equal the K they were packed from where they record it.
 
 Backends (``backend=``):
   ``"auto"``      Triton on CUDA tensors, the torch reference otherwise;
@@ -18,7 +19,7 @@ import torch
 
 from . import reference
 from .configs import AUTOTUNE, AUTOTUNE_KEY, INTERPRET, BlockConfig
-from .packing import num_words
+from .packing import num_words, packed_k
 from .runtime import load_kernels, triton_available
 
 __all__ = ["BACKENDS", "resolve_backend", "xnor_gemm", "w1a1_int8_gemm", "w1a8_gemm", "w1a16_gemm", "w2a16_gemm"]
@@ -68,9 +69,27 @@ def _check_packed_weight(w: torch.Tensor, k: int, ternary: bool) -> tuple[int, i
     kw = num_words(k)
     if w.shape[-1] != kw:
         raise ValueError(f"K alignment: k={k} needs ceil(k/32)={kw} words per row, w_packed has {w.shape[-1]}")
+    _check_packed_k(w, k, "w_packed")
     if not w.is_contiguous():
         raise ValueError("w_packed must be contiguous; call .contiguous()")
     return w.shape[0], kw
+
+
+def _check_packed_k(t: torch.Tensor, k: int, name: str) -> None:
+    """The words do not bound K from above (70 and 90 both take 3): where the tensor
+    records the K it was packed from, any other k counts padding bits as matches."""
+    true_k = packed_k(t)
+    if true_k is not None and true_k != k:
+        raise ValueError(f"k={k} but {name} was packed from K={true_k} values per row "
+                         f"(its padding bits would count as data)")
+
+
+def _check_packed_x(x: torch.Tensor, k: int, kw: int) -> None:
+    _check(x, "x_packed", (torch.int32,), 2)
+    if x.shape[1] != kw:
+        raise ValueError(f"K alignment: x_packed has {x.shape[1]} words per row, expected {kw} for k={k}")
+    _check_packed_k(x, k, "x_packed")
+    _check_rows(x, "x_packed")
 
 
 def _check_same_device(*named) -> None:
@@ -134,10 +153,7 @@ def xnor_gemm(x_packed: torch.Tensor, w_packed: torch.Tensor, k: int, *, backend
         k: true reduction length K.
     """
     n, kw = _check_packed_weight(w_packed, k, ternary=False)
-    _check(x_packed, "x_packed", (torch.int32,), 2)
-    if x_packed.shape[1] != kw:
-        raise ValueError(f"K alignment: x_packed has {x_packed.shape[1]} words per row, expected {kw} for k={k}")
-    _check_rows(x_packed, "x_packed")
+    _check_packed_x(x_packed, k, kw)
     _check_same_device(("x_packed", x_packed), ("w_packed", w_packed))
     backend = resolve_backend(backend, x_packed.device)
     if backend == "torch":
@@ -169,10 +185,7 @@ def w1a1_int8_gemm(x_packed: torch.Tensor, w_packed: torch.Tensor, k: int, *, ba
                    config: BlockConfig | None = None) -> torch.Tensor:
     """W1A1 on int8 tensor cores: both operands unpacked to ±1 int8, exact int32 ``[M, N]``."""
     _, kw = _check_packed_weight(w_packed, k, ternary=False)
-    _check(x_packed, "x_packed", (torch.int32,), 2)
-    if x_packed.shape[1] != kw:
-        raise ValueError(f"K alignment: x_packed has {x_packed.shape[1]} words per row, expected {kw} for k={k}")
-    _check_rows(x_packed, "x_packed")
+    _check_packed_x(x_packed, k, kw)
     return _int8_gemm(x_packed, True, w_packed, k, backend, config)
 
 

@@ -23,6 +23,11 @@ laid out exactly like a binary packing, stacked on a new axis before the word ax
 
 Padding bits are 0 in both planes (value 0). The word is an int32 whose bit 31 is the
 sign bit, so word values span the whole int32 range.
+
+The words alone do not say K: 70 and 90 both take 3 words, and a K that is too large
+counts padding bits as matches (``xnor_gemm(x, w, 90)`` on K = 70 is off by 20). So the
+``pack_*`` functions record the true K on the tensor they return (:func:`packed_k`, kept by
+``torch.save``; a copy or slice does not carry it) and the ops refuse any other ``k``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "unpack_ternary",
     "pack_bits",
     "unpack_bits",
+    "packed_k",
 ]
 
 WORD_BITS = 32
@@ -48,6 +54,19 @@ def num_words(k: int) -> int:
     if k < 1:
         raise ValueError(f"K must be >= 1, got {k}")
     return (k + WORD_BITS - 1) // WORD_BITS
+
+
+_PACKED_K = "packed_k"
+
+
+def packed_k(words: torch.Tensor) -> int | None:
+    """The true K that ``pack_*`` packed ``words`` from, or None where unknown."""
+    return getattr(words, _PACKED_K, None)
+
+
+def _with_k(words: torch.Tensor, k: int) -> torch.Tensor:
+    setattr(words, _PACKED_K, int(k))
+    return words
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
@@ -68,7 +87,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     b = b.reshape(*bits.shape[:-1], kw, WORD_BITS)
     words = (b * _bit_weights(bits.device)).sum(dim=-1)  # in [0, 2**32)
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement
-    return words.to(torch.int32).contiguous()
+    return _with_k(words.to(torch.int32).contiguous(), k)
 
 
 def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
@@ -113,7 +132,8 @@ def unpack_binary(words: torch.Tensor, k: int, dtype: torch.dtype = torch.float3
 def pack_ternary(v: torch.Tensor) -> torch.Tensor:
     """Pack {-1,0,+1} values ``[..., K]`` into int32 bit planes ``[..., 2, ceil(K/32)]``."""
     _check_values(v, (-1, 0, 1), "ternary tensor")
-    return torch.stack([pack_bits(v > 0), pack_bits(v != 0)], dim=-2).contiguous()
+    planes = torch.stack([pack_bits(v > 0), pack_bits(v != 0)], dim=-2).contiguous()
+    return _with_k(planes, v.shape[-1])
 
 
 def unpack_ternary(words: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

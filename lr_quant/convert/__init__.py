@@ -11,8 +11,8 @@ stays in full precision and the report says why.
 - :mod:`.report`: :class:`ConversionReport`, one :class:`LayerReport` per Conv/Linear.
 - :mod:`.plan`: the recipe's rules (overrides, keep_fp, weight quantizer per layer kind)
   applied to every Conv/Linear.
-- :mod:`.trace`: one eval forward recording who reads the network input, each activation
-  and each layer output.
+- :mod:`.trace`: one eval forward recording who reads the network input, each activation,
+  each layer output, and each layer's weight outside its forward (such a layer stays float).
 - :mod:`.swap`: :func:`convert` / :func:`convert_with_report`, the pass that uses them.
 
 :func:`calibrate_thresholds` (from :mod:`lr_quant.quant.threshold`) sets every sign

@@ -41,6 +41,13 @@ class _Plan:
     handler: Optional[LayerHandler] = None
     override: Optional[LayerOverride] = None
     act: Optional[ActQuantizer] = None
+    aliases: Tuple[str, ...] = ()       # every name the module is registered under
+
+    def keep(self, reason: str) -> None:
+        """Undo a decision to convert: the layer stays in full precision for `reason`."""
+        self.quantizer = self.target = None
+        row = self.row      # updated in place: the report holds this object
+        vars(row).update(vars(LayerReport(row.name, row.source, row.kind, KEPT_FP, reason=reason)))
 
 
 class _Rules:
@@ -108,15 +115,15 @@ def _plan(model: nn.Module, recipe: Recipe) -> Tuple[List[_Plan], List[str]]:
                 notes.append(f"pretrained_cfg {key} {n!r} is not a module of this model")
     overrides = _Rules(recipe.overrides)
     keep_names = _Rules(recipe.keep_fp.names)
-    counts = defaultdict(int)
-    for _, m in model.named_modules(remove_duplicate=False):
-        counts[id(m)] += 1
+    aliases = defaultdict(list)
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases[id(m)].append(n)
 
     plans = []
     for name, module in layers:
         kind = _layer_kind(module)
         row = LayerReport(name, type(module).__name__, kind, KEPT_FP)
-        plan = _Plan(name, module, row)
+        plan = _Plan(name, module, row, aliases=tuple(aliases[id(module)]))
         plans.append(plan)
         key = overrides.match(name)
         override = recipe.overrides[key] if key is not None else None
@@ -144,8 +151,11 @@ def _plan(model: nn.Module, recipe: Recipe) -> Tuple[List[_Plan], List[str]]:
                 row.reason = ("constant float weight (std = 0, e.g. a zero-initialized head): "
                               "no distribution to initialize from; train it first or keep it")
                 continue
-        if counts[id(module)] > 1:
-            row.reason = "shared module (registered under several names): kept to keep the sharing"
+        if len(plan.aliases) > 1:
+            # one object under several names (e.g. a block-shared positional conv): an LR
+            # layer per name would break the sharing, one swap would need every name
+            row.reason = (f"shared module, registered as {', '.join(map(repr, plan.aliases))}:"
+                          f" kept to keep the sharing")
             continue
         explicit = override is not None and override.weights is not None
         if override is not None and override.keep_fp:

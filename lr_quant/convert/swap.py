@@ -2,8 +2,10 @@
 
 1. **Plan** (:mod:`.plan`): which Conv/Linear becomes which class with which weight
    quantizer, and why every other one stays in full precision.
-2. **Trace** (:mod:`.trace`, only when the recipe quantizes activations or folds biases):
-   one eval forward on an example input.
+2. **Trace** (:mod:`.trace`): one eval forward on an example input, for every recipe. A
+   layer whose weight the model reads outside the layer's forward (``F.linear(x,
+   self.qkv.weight, ...)`` in BEiT) stays in full precision: its logits would never be
+   read. The trace also feeds the activation rules and bias folding.
 3. **Swap** with Brevitas' ``layerwise_quantize`` (exact class names; kwargs as per-module
    lambdas ``lambda module, name: ...``), one call per (source class, target class).
    Float weights load as the LR initialization (Shayer et al.); ``init.from_pretrained:
@@ -24,6 +26,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -54,27 +57,33 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
                         ) -> Tuple[nn.Module, ConversionReport]:
     """Convert `model` in place; returns (model, ConversionReport).
 
-    `example_input` (a batch the model accepts) is only needed when the recipe quantizes
-    activations or folds biases (it locates the layers that read the network input, the
-    activation modules feeding sign inputs and the readers of each layer's output); by
-    default :func:`.trace.default_example_input` is used.
+    `example_input` (a batch the model accepts; default
+    :func:`.trace.default_example_input`) runs one eval forward that finds the layers whose
+    weight is read outside their forward and, when the recipe quantizes activations or
+    folds biases, the layers that read the network input, the activation modules feeding
+    sign inputs and the readers of each layer's output.
     """
     recipe = load_recipe(recipe)
     plans, notes = _plan(model, recipe)
     report = ConversionReport([p.row for p in plans], notes=notes)
-    converted = [p for p in plans if p.target is not None]
     acts = recipe.activations
     wants_acts = (acts.quantizer is not None or acts.input_quantizer is not None or any(
-        p.override is not None and p.override.activation is not None for p in converted))
-
-    # 1. activation quantizer of every converted layer
+        p.override is not None and p.override.activation is not None
+        for p in plans if p.target is not None))
     fold = recipe.weights.bias_before_norm == "fold"
-    trace = None
-    if wants_acts or fold:
-        if example_input is None:
-            example_input = default_example_input(model, recipe)
-        layer_ids = {id(p.module): p.name for p in plans}
-        trace = _trace(model, example_input, layer_ids)
+
+    # 1. trace; a layer whose weight is read outside its forward stays float
+    trace = _trace_model(model, recipe, plans, example_input, wants_acts or fold, report)
+    for p in plans:
+        uses = trace.direct_reads.get(p.name) if trace is not None else None
+        if p.target is not None and uses:
+            p.keep(f"weight read outside its forward ({', '.join(sorted(uses))}): the LR "
+                   f"logits would never be used")
+    converted = [p for p in plans if p.target is not None]
+    if not (wants_acts or fold):
+        trace = None    # the activation rules below use the trace only when asked to
+
+    # 2. activation quantizer of every converted layer
     if fold:
         _fold_biases(model, converted, trace, report)
     if wants_acts:
@@ -97,14 +106,15 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
     moves = _signs_before_pools(converted, trace) if acts.sign_before_pool and trace else {}
     moved = {p.name for _, readers in moves.values() for p in readers}
 
-    # 2. swap, one layerwise_quantize call per (source class, target class)
+    # 3. swap, one layerwise_quantize call per (source class, target class)
     groups: Dict[Tuple[type, type], List[_Plan]] = defaultdict(list)
     for p in converted:
         groups[(type(p.module), p.target)].append(p)
     for (source, target), members in groups.items():
         by_name = {p.name: p for p in members}
         kwargs = _constructor_kwargs(target, by_name, recipe, moments)
-        others = [p.name for p in plans if p.name not in by_name]
+        # every name of a module that stays (a shared module is reached under each)
+        others = [a for p in plans if p.name not in by_name for a in p.aliases]
         layerwise_quantize(model, compute_layer_map={source: (target, kwargs)},
                            name_blacklist=others)
     for p in converted:
@@ -125,7 +135,7 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
         if isinstance(new, LRWeightMixin) and not recipe.init.from_pretrained:
             _init_from_scratch(new, recipe, p.name)
 
-    # 3. signs in front of max-pools, then drop monotone activations feeding only signs
+    # 4. signs in front of max-pools, then drop monotone activations feeding only signs
     for act_name, (pool, readers) in moves.items():
         _sign_before_pool(model, act_name, pool, readers, acts.threshold_init, report)
     if trace is not None and acts.drop_relu and sign_layers:
@@ -140,6 +150,41 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
             "ternary: the 1/3 and 2/3 quantiles); "
             "call calibrate_thresholds(model, batch) to set them explicitly")
     return model, report
+
+
+def _trace_model(model: nn.Module, recipe: Recipe, plans: List[_Plan],
+                 example_input: Optional[Tensor], needed: bool,
+                 report: ConversionReport) -> Optional[_Trace]:
+    """The trace, on `example_input` or a default batch on the model's device and dtype.
+
+    A default batch the model rejects is an error when the activation rules or bias
+    folding `needed` the trace; when only the weight-read check does, the check is skipped
+    with a warning and a report note. That check draws its batch under ``fork_rng``: a
+    seeded run's random stream stays what it was before the check existed.
+    """
+    layer_ids = {id(p.module): p.name for p in plans}
+    if example_input is not None:
+        return _trace(model, example_input, layer_ids)
+    like = next((t for t in model.parameters() if t.is_floating_point()), None)
+
+    def default() -> Tensor:
+        x = default_example_input(model, recipe)
+        return x if like is None else x.to(like.device, like.dtype)
+
+    if needed:
+        return _trace(model, default(), layer_ids)
+    with torch.random.fork_rng(devices=[]):
+        x = default()
+        try:
+            return _trace(model, x, layer_ids)
+        except Exception as e:   # any forward error: the model does not take this batch
+            msg = (f"the check for weights read outside their layer's forward was skipped: "
+                   f"the default example input {tuple(x.shape)} failed in the forward "
+                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass "
+                   f"example_input to convert_with_report")
+            warnings.warn(msg, stacklevel=3)
+            report.notes.append(msg)
+            return None
 
 
 def _signs_before_pools(converted: List[_Plan], trace: _Trace

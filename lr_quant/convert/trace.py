@@ -5,16 +5,20 @@ get ``activations.input_quantizer``), every reader of each monotone activation m
 output (:data:`.handlers.DROPPABLE_ACTIVATIONS`: dropped when all readers are sign inputs)
 the readers of each layer's output (its bias folds into a BatchNorm that is the only
 reader) and the max-pools between an activation and the layers reading the pool (a sign
-can move in front of such a pool). :func:`default_example_input` is the batch used when the caller gives none.
+can move in front of such a pool). It also finds layers whose weight is read outside the
+layer's own forward (BEiT's ``F.linear(x, self.qkv.weight, bias)``): converting those would
+swap in logits that nothing reads. :func:`default_example_input` is the batch used when the
+caller gives none.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -28,6 +32,26 @@ _METADATA_FUNCS = {
     "__get__", "size", "dim", "numel", "__len__", "is_contiguous", "is_floating_point",
     "element_size", "stride", "ndimension", "nelement", "data_ptr", "is_complex",
     "storage_offset", "__format__", "__repr__", "get_device", "__hash__", "__eq__"}
+#: tensor attributes (``__get__``) that hand on the values: ``w.T`` reads w like a function
+_VALUE_GETTERS = {"T", "mT", "H", "mH", "data"}
+
+
+def _getter_name(func) -> Optional[str]:
+    """'T' for ``Tensor.T.__get__`` (an attribute read), else None."""
+    if getattr(func, "__name__", None) != "__get__":
+        return None
+    return getattr(getattr(func, "__self__", None), "__name__", None)
+
+
+def _func_name(func) -> str:
+    """How the source spells `func`: ``F.linear``, ``Tensor.T``, ``torch.matmul``."""
+    name = getattr(func, "__name__", repr(func))
+    attr = _getter_name(func)
+    if attr is not None:
+        return f"Tensor.{attr}"
+    if getattr(F, name, None) is func:
+        return f"F.{name}"
+    return f"Tensor.{name}" if getattr(Tensor, name, None) is func else f"torch.{name}"
 
 
 class _ConsumerMode(TorchFunctionMode):
@@ -39,15 +63,27 @@ class _ConsumerMode(TorchFunctionMode):
         self.watched: Dict[int, Tuple[str, str]] = {}    # id(tensor) -> (kind, name)
         self.depth = 0
         self.other: Dict[Tuple[str, str], set] = defaultdict(set)
+        # direct weight reads: id(weight) -> [(id(layer), layer name)] (a tied weight has
+        # several owners), the modules whose forward is running (innermost last), and
+        # layer name -> {"F.linear in blocks.0.attn", ...}
+        self.weights: Dict[int, List[Tuple[int, str]]] = {}
+        self.running: List[Tuple[int, str]] = []
+        self.direct: Dict[str, set] = defaultdict(set)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.depth == 0 and self.watched:
-            fname = getattr(func, "__name__", repr(func))
-            if fname not in _METADATA_FUNCS:
-                for t in tree_flatten((args, kwargs))[0]:
-                    if isinstance(t, Tensor) and id(t) in self.watched:
-                        self.other[self.watched[id(t)]].add(fname)
+        fname = getattr(func, "__name__", repr(func))
+        reads = fname not in _METADATA_FUNCS or _getter_name(func) in _VALUE_GETTERS
+        if reads and (self.weights or (self.depth == 0 and self.watched)):
+            for t in tree_flatten((args, kwargs))[0]:
+                if not isinstance(t, Tensor):
+                    continue
+                if self.depth == 0 and id(t) in self.watched:
+                    self.other[self.watched[id(t)]].add(fname)
+                for owner, layer in self.weights.get(id(t), ()):
+                    if all(owner != i for i, _ in self.running):
+                        where = self.running[-1][1] if self.running else ""
+                        self.direct[layer].add(f"{_func_name(func)} in {where or 'the model'}")
         return func(*args, **kwargs)
 
 
@@ -63,6 +99,7 @@ class _Trace:
     pools_after_act: Dict[str, set]     # activation module name -> max-pools reading it
     pool_consumers: Dict[str, set]      # max-pool name -> layer names reading its output
     pool_other: Dict[str, set]          # max-pool name -> other readers of its output
+    direct_reads: Dict[str, set]        # layer name -> reads of its weight outside its forward
 
 
 _NORMS = nn.modules.batchnorm._BatchNorm
@@ -73,7 +110,8 @@ MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 @torch.no_grad()
 def _trace(model: nn.Module, example_input: Tensor, layer_names: Dict[int, str]) -> _Trace:
     """One eval forward recording who reads what: the network input, the outputs of
-    monotone activation modules and the outputs of the layers (for bias folding)."""
+    monotone activation modules, the outputs of the layers (for bias folding) and the
+    layers' weights outside their own forward."""
     names = {}
     for n, m in model.named_modules():
         names.setdefault(id(m), n)
@@ -119,7 +157,18 @@ def _trace(model: nn.Module, example_input: Tensor, layer_names: Dict[int, str])
         calls[name] += 1
         watch(out, ("act", name))
 
+    def enter(module, args):
+        mode.running.append((id(module), names[id(module)]))
+
+    def leave(module, args, out):
+        mode.running.pop()
+
     for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+        weight = getattr(module, "weight", None)
+        if id(module) in layer_names and isinstance(weight, Tensor):
+            mode.weights.setdefault(id(weight), []).append((id(module), layer_names[id(module)]))
         if id(module) in layer_names or isinstance(module, (_NORMS,) + MAX_POOLS):
             handles.append(module.register_forward_pre_hook(reader_pre))
             handles.append(module.register_forward_hook(reader_post))
@@ -143,7 +192,7 @@ def _trace(model: nn.Module, example_input: Tensor, layer_names: Dict[int, str])
     return _Trace(reads_input, of_kind(consumers, "act"), of_kind(mode.other, "act"),
                   dict(calls), dict(norm_after), of_kind(mode.other, "layer"),
                   dict(pools_after_act), of_kind(consumers, "pool"),
-                  of_kind(mode.other, "pool"))
+                  of_kind(mode.other, "pool"), dict(mode.direct))
 
 
 def default_example_input(model: nn.Module, recipe: Recipe, batch: int = 2,

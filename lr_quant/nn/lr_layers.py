@@ -26,10 +26,15 @@ A float state dict (no `weight_logits` key) loads as a pretrained initialization
 logits, the scale and the materialized weight are derived from the float weight. That
 makes `LRQuantConv2d.from_float(conv)` and Brevitas' `layerwise_quantize` (strict, or
 `assign=True` on the meta device) work unchanged.
+
+`device="meta"` gives a layer whose tensors are all on meta; `to_empty(device=...)` then
+`reset_parameters()` initializes it as a normal construction does (same seed, same state),
+and so does a state-dict load with `assign=True`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import List, Optional, Tuple, Union
 
@@ -97,10 +102,62 @@ class LRWeightMixin:
             self._init_scale_from_float(self.weight.detach())
         self.materialize_weight()
 
+    def _finish_init(self, device) -> None:
+        """Keep the initial quantizer state, then empty the layer onto meta if asked.
+
+        Brevitas' quantizers cannot be built on meta (ParameterScaling calls ``.item()``),
+        so a meta layer is built on the CPU first. ``to_empty()`` leaves the quantizers'
+        buffers (most are not in the state dict: constant scales, bit widths) as garbage
+        and ``reset_parameters()`` cannot re-derive them, so their initial values are kept
+        (a few scalars and per-channel scales) and restored by it.
+        """
+        derived = {"weight", "bias", "weight_logits"}
+        self._lr_init_state = {
+            n: t.detach().clone()
+            for n, t in itertools.chain(self.named_parameters(), self.named_buffers())
+            if n not in derived}
+        if device is not None and torch.device(device).type == "meta":
+            self.to_empty(device="meta")
+
+    @torch.no_grad()
+    def _restore_init_state(self, only_meta: bool = False) -> None:
+        """Put the initial quantizer state back (on the weight's device and in each
+        tensor's dtype); with `only_meta`, only into tensors still on meta."""
+        device = self.weight.device
+        for name, value in getattr(self, "_lr_init_state", {}).items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            table = owner._parameters if leaf in owner._parameters else owner._buffers
+            current = table.get(leaf)
+            if current is None or (only_meta and not current.is_meta):
+                continue
+            if current.is_meta or current.device != device:
+                new = value.to(device=device, dtype=current.dtype).clone()
+                table[leaf] = (nn.Parameter(new, current.requires_grad)
+                               if isinstance(current, nn.Parameter) else new)
+            else:
+                current.copy_(value)
+
+    def reset_parameters(self) -> None:
+        """Re-initialize as a construction does: the torch layer's draw of weight and bias,
+        the logits, scale and materialized weight derived from it, the quantizers' initial
+        state, unfrozen. Makes a meta layer usable after ``to_empty()``."""
+        super().reset_parameters()
+        if not self._lr_ready or self.weight.is_meta:
+            return      # called by the torch constructor before _init_lr; or nothing to fill
+        self._restore_init_state()
+        with torch.no_grad():
+            weight = self.weight.detach()
+            logits = self.lr_distribution.init_logits(weight, self.lr_p_min, self.lr_p_max)
+            self.weight_logits.copy_(logits.to(self.weight_logits))
+            self._init_scale_from_float(weight)
+        self.materialize_weight()
+
     # -- helpers -------------------------------------------------------------------------
     @property
     def is_lr_frozen(self) -> bool:
-        return bool(getattr(self, _FROZEN_KEY))
+        flag = getattr(self, _FROZEN_KEY)
+        return False if flag.is_meta else bool(flag)
 
     @property
     def _lr_ready(self) -> bool:
@@ -194,6 +251,8 @@ class LRWeightMixin:
     @torch.no_grad()
     def materialize_weight(self, discrete: Optional[Tensor] = None) -> None:
         """weight <- discrete * s, with `discrete` the mode of the logits by default."""
+        if self.weight.is_meta:
+            return      # nothing to compute until to_empty() + reset_parameters() or a load
         if discrete is None:
             discrete = self.lr_distribution.mode(self.weight_logits)
         scale = self.lr_scale()
@@ -283,7 +342,12 @@ class LRWeightMixin:
 
     @staticmethod
     def _materialize_after_load(module, incompatible_keys) -> None:
-        """Post-load hook: runs once the quantizer's scale (a child module) is loaded too."""
+        """Post-load hook: runs once the quantizer's scale (a child module) is loaded too.
+        A load with ``assign=True`` into a meta layer (Brevitas' layerwise_quantize) leaves
+        the tensors missing from the state dict on meta: they get their initial values."""
+        if module.weight.is_meta:
+            return
+        module._restore_init_state(only_meta=True)
         if not module.is_lr_frozen:
             module.materialize_weight()
 
@@ -329,9 +393,8 @@ class LRWeightMixin:
 
 
 def _no_meta(device):
-    """Brevitas' ParameterScaling cannot be built on the meta device (it calls .item()),
-    so graph utilities that build on meta and load with assign=True get a CPU build; the
-    assigned state (derived from the float weights) then replaces every tensor."""
+    """Brevitas' ParameterScaling cannot be built on the meta device (it calls .item()):
+    build on the CPU; :meth:`LRWeightMixin._finish_init` then empties it onto meta."""
     return None if device is not None and torch.device(device).type == "meta" else device
 
 
@@ -361,6 +424,7 @@ class LRQuantLinear(LRWeightMixin, QuantLinear):
             return_quant_tensor=return_quant_tensor, device=_no_meta(device), dtype=dtype,
             **kwargs)
         self._init_lr(lr_p_min, lr_p_max, lr_eps, lr_output_moments)
+        self._finish_init(device)
 
     @staticmethod
     def _float_class():
@@ -445,6 +509,7 @@ def _make_conv(name: str, brevitas_cls, float_cls):
             output_quant=output_quant, return_quant_tensor=return_quant_tensor,
             device=_no_meta(device), dtype=dtype, **kwargs)
         self._init_lr(lr_p_min, lr_p_max, lr_eps, lr_output_moments)
+        self._finish_init(device)
 
     doc = f"{brevitas_cls.__name__[5:]} layer with LR-trained discrete weights (see module docstring)."
     return type(name, (_LRQuantConvNd, brevitas_cls), {

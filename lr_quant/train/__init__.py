@@ -18,16 +18,19 @@ from ._util import seed_everything, unwrap
 from .evaluation import evaluate, fixed_batches, reestimate_batchnorm
 from .losses import distillation_loss, regularization
 from .optim import build_optimizer, lr_lambda, make_schedule, param_groups
-from .pipeline import (TrainingResult, build_datasets_for, build_float_model, format_metrics,
-                       load_trained_model, run_training)
+from .pipeline import (TrainingResult, build_datasets_for, build_float_model,
+                       estimate_checkpoint_bytes, format_metrics, load_trained_model,
+                       resume_changes, run_training)
 from .plots import plot_history, write_history
 from .selection import NO_LR_NETWORK, choose_sampled_network, deploy, select_network
-from .trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, NonFiniteLossError, Trainer
+from .trainer import (FINAL_CHECKPOINT, LAST_CHECKPOINT, LossDivergedError, NonFiniteLossError,
+                      Trainer)
 
-__all__ = ["Trainer", "NonFiniteLossError", "param_groups", "build_optimizer",
-           "lr_lambda", "make_schedule", "regularization", "distillation_loss",
+__all__ = ["Trainer", "NonFiniteLossError", "LossDivergedError", "param_groups",
+           "build_optimizer", "lr_lambda", "make_schedule", "regularization", "distillation_loss",
            "reestimate_batchnorm", "evaluate", "fixed_batches", "seed_everything", "unwrap",
            "LAST_CHECKPOINT", "FINAL_CHECKPOINT", "select_network", "deploy",
            "choose_sampled_network", "NO_LR_NETWORK", "plot_history", "write_history",
            "TrainingResult", "run_training", "build_float_model", "build_datasets_for",
-           "format_metrics", "load_trained_model"]
+           "format_metrics", "load_trained_model", "resume_changes",
+           "estimate_checkpoint_bytes"]

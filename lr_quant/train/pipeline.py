@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_state
+from ..checkpoint import (CheckpointError, atomic_write_text, load_checkpoint,
+                          load_checkpoint_meta, load_model_state)
 from ..data import Datasets
 from ..distributed import DistInfo
 from ..nn.lr_layers import lr_layers
@@ -25,7 +25,7 @@ from .evaluation import evaluate
 from .trainer import LAST_CHECKPOINT, Trainer
 
 __all__ = ["TrainingResult", "run_training", "build_float_model", "build_datasets_for",
-           "format_metrics", "load_trained_model"]
+           "format_metrics", "load_trained_model", "resume_changes", "estimate_checkpoint_bytes"]
 
 
 @dataclass
@@ -74,29 +74,99 @@ def _num_classes(recipe, data: Datasets) -> int:
     return data.num_classes
 
 
+# Resume: settings it applies (and records); every other recipe change is refused.
+# Fixed on resume: the model, quantizers, init and data content, and in train: the ones the
+# saved optimizer state, data order or split depend on.
+RESUME_FIXED_TRAIN = ("optimizer", "batch_size", "seed", "val_fraction", "extra")
+RESUME_APPLIED = ("name", "description", "data.root", "data.num_workers", "data.download")
+BYTES_PER_PARAMETER = 32   # a checkpoint: weights, LR logits, optimizer moments (<= 8 floats)
+
+
+def _resume_applies(key: str) -> bool:
+    section, _, rest = key.partition(".")
+    if section == "train":
+        return rest.split(".")[0] not in RESUME_FIXED_TRAIN
+    return key in RESUME_APPLIED
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: Dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def resume_changes(recipe, path) -> Dict[str, Tuple[Any, Any]]:
+    """{key: (recorded, requested)} of the recipe fields that differ from the recipe recorded
+    in checkpoint `path`; RunFolderError (writing nothing) when the checkpoint cannot be
+    resumed or a change is one resume does not apply (see RESUME_FIXED_TRAIN)."""
+    from ..run_folder import RunFolderError
+
+    meta = load_checkpoint_meta(path)
+    if meta.get("frozen"):
+        raise CheckpointError(f"{path} holds a frozen (final) network; resume from "
+                              f"{LAST_CHECKPOINT}, or evaluate / export it instead")
+    old, new = _flat(_recorded_recipe(meta, path).to_dict()), _flat(recipe.to_dict())
+    changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)}
+    fixed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items() if not _resume_applies(k)]
+    if fixed:
+        raise RunFolderError(
+            f"--resume {path}: the recipe changes settings a resumed run cannot change "
+            f"(model, quantizers, init, data content, train.{', train.'.join(RESUME_FIXED_TRAIN)}):"
+            f" {'; '.join(fixed)}. Resume with the recorded values, or start a new run "
+            f"(--force, or another --output)")
+    return changes
+
+
+def estimate_checkpoint_bytes(recipe) -> int:
+    """Rough size of a training checkpoint of the recipe's model (0 if unknown)."""
+    from ..models import parameter_count
+
+    m = recipe.model
+    kwargs = dict(m.kwargs, **({"in_chans": m.in_chans} if m.in_chans else {}))
+    n = parameter_count(m.name, m.num_classes or 1000, **kwargs) if m.name else None
+    return BYTES_PER_PARAMETER * (n or 0)
+
+
 def run_training(recipe, output_dir, resume=None, log: Callable[[str], None] = print,
                  progress: bool = True, stop_after_steps: Optional[int] = None,
-                 info: Optional[DistInfo] = None) -> TrainingResult:
+                 info: Optional[DistInfo] = None, force: bool = False) -> TrainingResult:
     """Fine-tune the recipe's model from its pretrained FP weights, end to end.
 
     data -> FP model (teacher) -> convert -> sharpen the weight distributions
     (init.target_snr) -> calibrate sign thresholds -> Trainer.fit ->
     Trainer.finalize. Writes recipe.yaml, checkpoint.safetensors, final.safetensors,
-    history.csv/json, curves.png and metrics.json to `output_dir` (rank 0). `resume`: a
-    checkpoint path, or "auto" for output_dir/checkpoint.safetensors if it exists.
-    Returns a `TrainingResult` (metrics empty if stopped early by `stop_after_steps`).
+    history.csv/json, curves.png and metrics.json to `output_dir` (rank 0).
+    Before any work, the folder is checked and locked (lr_quant.run_folder): a folder that
+    holds a run is refused unless resuming it or `force` (its files are removed when the
+    new run starts writing). `resume`: a checkpoint path, or "auto" for
+    output_dir/checkpoint.safetensors (which must exist); the recipe may change only what
+    `resume_changes` applies. Returns a `TrainingResult` (metrics empty if stopped early
+    by `stop_after_steps`).
     """
-    from ..convert import convert_with_report
     from ..distributed import init_distributed
+    from ..run_folder import open_run_folder
+
+    info = info or init_distributed()
+    need = estimate_checkpoint_bytes(recipe) if info.is_main else 0
+    with open_run_folder(output_dir, resume, force, need, lock=info.is_main) as folder:
+        changes = resume_changes(recipe, folder.resume) if folder.resume is not None else {}
+        return _run_training(recipe, folder, changes, log, progress, stop_after_steps, info)
+
+
+def _run_training(recipe, folder, changes, log, progress, stop_after_steps, info):
+    from ..convert import convert_with_report
     from ..models import architecture_of
     from ..quant.threshold import calibrate_thresholds
     from ..sharpness import calibrate_sharpness
 
-    info = info or init_distributed()
-    out = Path(output_dir)
-    cfg = recipe.train
-    if resume == "auto":
-        resume = out / LAST_CHECKPOINT if (out / LAST_CHECKPOINT).exists() else None
+    out, resume, cfg = folder.path, folder.resume, recipe.train
+    if changes:
+        log("resume applies the changed settings " + "; ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     seed_everything(cfg.seed)
     data = build_datasets_for(recipe)
     num_classes = _num_classes(recipe, data)
@@ -122,17 +192,18 @@ def run_training(recipe, output_dir, resume=None, log: Callable[[str], None] = p
                                                         info)["accuracy"]}
         log(f"FP {recipe.model.name} test accuracy {baseline['fp_test_accuracy']:.3f}; "
             f"{_converted_label(bool(lr_layers(model)))} {baseline['converted_test_accuracy']:.3f}")
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     meta = {"model": recipe.model.name, "num_classes": num_classes,
             "architecture": architecture_of(teacher), "recipe": recipe.to_dict(),
             "baseline": baseline}
     trainer = Trainer(model, cfg, data, teacher=teacher, output_dir=out, meta=meta, info=info,
                       log=log, progress=progress, num_workers=recipe.data.num_workers)
-    if resume is not None:
+    if resume is not None:   # Trainer.resume applies the config's learning rates etc.
         trainer.resume(resume)
         baseline = trainer.resumed_meta.get("baseline") or baseline
+    if info.is_main:   # nothing is written before this point
+        folder.clear()
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     trainer.fit(stop_after_steps=stop_after_steps)
     metrics = {}
     if trainer.state.epoch >= cfg.epochs:
@@ -173,19 +244,24 @@ def format_metrics(metrics: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _recorded_recipe(meta: Dict[str, Any], path):
+    from ..recipe import Recipe
+
+    if not isinstance(meta.get("recipe"), dict):
+        raise CheckpointError(f"{path} does not record its recipe; it was not written by "
+                              f"lr-quant train")
+    return Recipe.from_dict(meta["recipe"])
+
+
 def load_trained_model(path) -> Tuple[nn.Module, Any, Dict[str, Any]]:
     """(model, recipe, meta) from a checkpoint written by training (final or not), in eval().
 
     The model is rebuilt from the recipe stored in the checkpoint (build_float_model
     without pretrained weights, then convert) and loaded with the checkpoint's state."""
     from ..convert import convert
-    from ..recipe import Recipe
 
     model_state, meta, _ = load_checkpoint(path)
-    if "recipe" not in meta or not isinstance(meta["recipe"], dict):
-        raise CheckpointError(f"{path} does not record its recipe; it was not written by "
-                              f"lr-quant train")
-    recipe = Recipe.from_dict(meta["recipe"])
+    recipe = _recorded_recipe(meta, path)
     model = build_float_model(recipe, meta["num_classes"], pretrained=False)
     model = convert(model, recipe)
     load_model_state(model, model_state, source=str(path))

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text, replacing
 
 __all__ = ["plot_history", "write_history"]
 
@@ -18,12 +18,10 @@ def write_history(history: List[Dict[str, float]], output_dir,
     """history.json, history.csv and curves.png in `output_dir` (each replaced atomically)."""
     output_dir = Path(output_dir)
     atomic_write_text(output_dir / "history.json", json.dumps(history, indent=2))
-    tmp = output_dir / "history.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with replacing(output_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    tmp.replace(output_dir / "history.csv")
     plot_history(history, output_dir / "curves.png", train_label)
 
 
@@ -47,8 +45,9 @@ def plot_history(history: List[Dict[str, float]], path,
     ax_acc.set_xlabel("epoch"); ax_acc.set_ylabel("accuracy"); ax_acc.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with replacing(path, path.stem + ".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
     return path

@@ -59,6 +59,7 @@ def test_shared_module_is_kept():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), conv, nn.ReLU(), conv)
     _, report = convert_with_report(model, {})
     assert not report["1"].converted and "shared" in report["1"].reason
+    assert "'1', '3'" in report["1"].reason            # every name it is registered under
     assert model[1] is model[3]
 
 
