@@ -38,71 +38,38 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import shlex
-import statistics
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .._tensor import as_tensor
-from ..checkpoint import (CheckpointError, atomic_write_text, capture_rng_state, load_checkpoint,
-                          load_model_state, remove_stale_temp_files, restore_rng_state,
-                          save_checkpoint)
+from ..checkpoint import atomic_write_text, remove_stale_temp_files, save_checkpoint
 from ..data import Datasets
 from ..distributed import DistInfo, all_reduce_sum
 from ..nn.lr_layers import lr_layers
 from ..quant.activation import sign_quant_modules
 from ..train_config import TrainConfig
 from ._util import seed_everything
+from .checkpointing import CheckpointingMixin
 from .evaluation import evaluate, fixed_batches
+from .guards import GuardsMixin
 from .losses import distillation_loss, regularization
 from .optim import build_optimizer, lr_lambda, make_schedule
 from .plots import write_history
 from .selection import deploy, select_network
+from .state import (FINAL_CHECKPOINT, LAST_CHECKPOINT, LOSS_WINDOW, LossDivergedError,
+                    NonFiniteLossError, TrainingState)
 
 __all__ = ["Trainer", "NonFiniteLossError", "LossDivergedError", "LAST_CHECKPOINT",
            "FINAL_CHECKPOINT", "LOSS_WINDOW"]
 
-LAST_CHECKPOINT = "checkpoint.safetensors"
-FINAL_CHECKPOINT = "final.safetensors"
-PENDING_SUFFIX = ".pending"   # a checkpoint whose parameters are not yet confirmed sane
-LOSS_WINDOW = 20              # steps in the running median of the divergence check
-LOSS_FLOOR = 1.0              # reference levels below this count as this
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped on a bad loss: NaN / inf (or, as LossDivergedError, runaway). The
-    message names the last good checkpoint (kept) and the flags to continue with."""
-
-
-class LossDivergedError(NonFiniteLossError):
-    """The loss ran away: above train.divergence_factor x its reference level."""
-
-
-@dataclass
-class _State:
-    epoch: int = 0            # current epoch (0-based)
-    step_in_epoch: int = 0    # optimizer steps done in the current epoch
-    global_step: int = 0
-    history: List[Dict[str, float]] = field(default_factory=list)
-    # running sums of the current epoch (loss_sum, correct, count), for resume
-    running: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    epoch_start_time: float = 0.0
-    # divergence check: the last LOSS_WINDOW step losses, the lowest median of them so far
-    loss_window: List[float] = field(default_factory=list)
-    loss_best: Optional[float] = None
-
-
-class Trainer:
+class Trainer(CheckpointingMixin, GuardsMixin):
     """Fine-tunes `model` (an LR model, or any other quantized or float model) with `config`
     on `data`.
 
@@ -145,7 +112,7 @@ class Trainer:
             raise ValueError(f"the training split has {len(data.train)} samples, fewer than "
                              f"one batch of {config.batch_size}")
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.state = _State()
+        self.state = TrainingState()
         self._pending_step: Optional[int] = None   # global step of the pending checkpoint
         self._good_step: Optional[int] = None      # ... of checkpoint.safetensors, if known
         seed_everything(config.seed + info.rank)   # independent LR / sign noise per rank
@@ -169,230 +136,6 @@ class Trainer:
                     self.model,
                     device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None)
         return self.ddp
-
-    # -- checkpoints -------------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Optional[Path]:
-        return self.output_dir / LAST_CHECKPOINT if self.output_dir else None
-
-    @property
-    def _pending_path(self) -> Optional[Path]:
-        path = self.checkpoint_path
-        return path.with_name(path.name + PENDING_SUFFIX) if path else None
-
-    def _training_state(self) -> Dict[str, Any]:
-        rng = capture_rng_state()
-        if self.info.distributed:
-            gathered = [None] * self.info.world_size
-            dist.all_gather_object(gathered, rng)
-            rng_per_rank = gathered
-        else:
-            rng_per_rank = [rng]
-        return {"optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng_per_rank": rng_per_rank}
-
-    def _meta(self, **extra) -> Dict[str, Any]:
-        s = self.state
-        return {**self.meta, "epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
-                "global_step": s.global_step, "history": s.history, "running": s.running,
-                "loss_window": s.loss_window, "loss_best": s.loss_best,
-                "world_size": self.info.world_size, "train": asdict(self.config), **extra}
-
-    def save(self, path: Optional[Path] = None, **extra) -> Optional[Path]:
-        """Checkpoint the training state (rank 0 writes; all ranks must call it).
-
-        Without `path`, the training checkpoint goes to checkpoint.safetensors.pending and
-        becomes checkpoint.safetensors once confirmed (see the module docstring). NaN / inf
-        parameters raise NonFiniteLossError instead (nothing written)."""
-        self._check_parameters()
-        state = self._training_state()   # collective under DDP
-        with torch.no_grad():   # store the current mode as the materialized weight
-            for _, layer in lr_layers(self.model):
-                if not layer.is_lr_frozen:
-                    layer.materialize_weight()
-        if path is None and self.checkpoint_path is not None:
-            if not self.info.is_main:
-                return self._pending_path
-            self._drop_pending()   # superseded (same parameters, older metadata)
-            save_checkpoint(self._pending_path, self.model, self._meta(**extra), state)
-            self._pending_step = self.state.global_step
-            return self._pending_path
-        if path is None or not self.info.is_main:
-            return path
-        return save_checkpoint(path, self.model, self._meta(**extra), state)
-
-    def _commit(self) -> None:
-        """The pending checkpoint becomes checkpoint.safetensors (rank 0)."""
-        if self._pending_step is not None and self.info.is_main:
-            self._pending_path.replace(self.checkpoint_path)
-            self._good_step = self._pending_step
-        self._pending_step = None
-
-    def _drop_pending(self) -> None:
-        if self._pending_path is not None and self.info.is_main:
-            self._pending_path.unlink(missing_ok=True)
-        self._pending_step = None
-
-    def resume(self, path) -> None:
-        """Continue from a checkpoint written by `save` (same model, recipe and data)."""
-        model_state, meta, state = load_checkpoint(path)
-        self.resumed_meta = meta
-        arch = self.meta.get("architecture")
-        load_model_state(self.model, model_state, source=str(path),
-                         architecture=meta.get("architecture"), expected_architecture=arch)
-        if meta.get("frozen"):
-            raise CheckpointError(f"{path} holds a frozen (final) network; resume from "
-                                  f"{LAST_CHECKPOINT}, or evaluate / export it instead")
-        # Loading may replace parameter objects (Brevitas re-initializes activation proxies
-        # on load, with their threshold parameters): build the optimizer on the loaded model.
-        self._build_optimizer()
-        configured = [{k: v for k, v in g.items() if k != "params"}
-                      for g in self.optimizer.param_groups]
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from e
-        self._apply_hyperparameters(configured)
-        self.state = _State(epoch=meta["epoch"], step_in_epoch=meta["step_in_epoch"],
-                            global_step=meta["global_step"], history=meta["history"],
-                            running=meta.get("running", [0.0, 0.0, 0.0]),
-                            epoch_start_time=time.time(),
-                            loss_window=meta.get("loss_window", []),
-                            loss_best=meta.get("loss_best"))
-        same = self.checkpoint_path is not None and Path(path).resolve() == \
-            self.checkpoint_path.resolve()
-        self._good_step = self.state.global_step if same else None
-        rngs = state["rng_per_rank"]
-        if len(rngs) == self.info.world_size:
-            restore_rng_state(rngs[self.info.rank])
-        else:   # another number of processes: fresh, distinct noise per rank
-            seed_everything(self.config.seed + self.info.rank + 7919 * self.state.global_step)
-        self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, step "
-                 f"{self.state.global_step}/{self.total_steps}")
-
-    def _apply_hyperparameters(self, configured: List[Dict[str, Any]]) -> None:
-        """Replace the hyper-parameters a loaded optimizer state brought (its param groups:
-        lr, weight_decay, momentum, ...) by this config's (`configured`: the groups of a
-        freshly built optimizer), the learning rates at the restored schedule position.
-        Unchanged config: the same values, so resume stays bit-exact."""
-        sched = self.scheduler
-        for group, new in zip(self.optimizer.param_groups, configured):
-            group.update(new)
-        sched.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched._last_lr = lrs
-
-    # -- guards ------------------------------------------------------------------------------
-    def _any_rank(self, flag: bool) -> bool:
-        if self.info.distributed:
-            return bool(all_reduce_sum([float(flag)], self.info.device)[0])
-        return flag
-
-    def _check_parameters(self) -> None:
-        """NonFiniteLossError if a parameter or buffer of the model is NaN / inf."""
-        tensors = [t for t in [*self.model.parameters(), *self.model.buffers()]
-                   if t.is_floating_point()]
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) \
-            if tensors else True
-        if self._any_rank(not finite):
-            self._stop(NonFiniteLossError, f"a parameter became NaN / inf after step "
-                                           f"{self.state.global_step}")
-
-    def _loss_limit(self) -> Optional[float]:
-        """The loss above which training counts as diverged (None: no reference yet, or
-        the check is off)."""
-        factor, best = self.config.divergence_factor, self.state.loss_best
-        if not factor or best is None:
-            return None
-        return factor * max(best, LOSS_FLOOR)
-
-    def _check_loss(self, loss: Tensor) -> None:
-        """Stop on a NaN / inf or runaway loss (all ranks agree). A sane loss confirms the
-        pending checkpoint (the loss is that of its parameters) and updates the reference."""
-        s, local = self.state, loss.item()
-        bad, value = (0.0, local) if math.isfinite(local) else (1.0, 0.0)
-        if self.info.distributed:   # the mean loss over ranks
-            bad, value = all_reduce_sum([bad, value], self.info.device)
-            value /= self.info.world_size
-        where = f"at epoch {s.epoch + 1}, step {s.global_step + 1}"
-        if bad:
-            shown = local if not math.isfinite(local) else "non-finite on another rank"
-            self._stop(NonFiniteLossError, f"loss is {shown} {where}")
-        limit = self._loss_limit()
-        if limit is not None and value > limit:
-            self._stop(LossDivergedError,
-                       f"loss {value:.4g} {where} ran away: above train.divergence_factor "
-                       f"({self.config.divergence_factor:g}) x its reference level "
-                       f"{max(s.loss_best, LOSS_FLOOR):.4g}")
-        self._commit()
-        s.loss_window = (s.loss_window + [value])[-LOSS_WINDOW:]
-        median = statistics.median(s.loss_window)
-        s.loss_best = median if s.loss_best is None else min(s.loss_best, median)
-
-    def _stop(self, error: type, reason: str) -> None:
-        """Drop the unconfirmed checkpoint and raise `error` with what is kept and how to go on."""
-        self._drop_pending()
-        cfg = self.config
-        flags = (f"--train.lr_logits {cfg.lr_logits / 10:g} --train.lr_params "
-                 f"{cfg.lr_params / 10:g}" + ("" if cfg.grad_clip else " --train.grad_clip 1"))
-        if self._kept() is None:
-            kept = "no good checkpoint was written"
-            how = (f"start again with lower learning rates and gradient clipping, e.g. "
-                   f"{self._command(flags, fresh=True)}" if self._recipe_file() else
-                   f"start again with lower lr_logits / lr_params and grad_clip set")
-        else:
-            kept = f"the last good checkpoint is {self._kept()}"
-            how = (f"continue from it with lower learning rates and gradient clipping, e.g. "
-                   f"{self._command(flags)}" if self._recipe_file() else
-                   f"continue from it (Trainer.fit(resume=...)) with lower lr_logits / "
-                   f"lr_params and grad_clip set")
-        raise error(f"{reason}; training stopped ({kept}). To go on, {how}; or check the data.")
-
-    # -- messages ----------------------------------------------------------------------------
-    def _kept(self) -> Optional[str]:
-        """'<checkpoint.safetensors> (step s)', None if there is none."""
-        path = self.checkpoint_path
-        if path is None or not path.exists():
-            return None
-        return f"{path}" + (f" (step {self._good_step})" if self._good_step is not None else "")
-
-    def _recipe_file(self) -> Optional[Path]:
-        """output_dir/recipe.yaml when the run was started by lr-quant train / run_training."""
-        path = self.output_dir / "recipe.yaml" if self.output_dir else None
-        return path if path is not None and path.exists() else None
-
-    def _command(self, flags: str = "", fresh: bool = False) -> str:
-        """The `lr-quant train` command that continues this run (`fresh`: starts it again
-        in a new folder) from its recorded recipe, with extra `flags`."""
-        out = shlex.quote(str(self.output_dir))
-        where = "--output NEW_FOLDER" if fresh else f"--output {out} --resume"
-        return " ".join(filter(None, ["lr-quant train -c", shlex.quote(str(self._recipe_file())),
-                                      where, flags]))
-
-    def _interrupted(self) -> str:
-        s = self.state
-        where = (f"interrupted at epoch {s.epoch + 1}, step {s.global_step}"
-                 if s.epoch < self.config.epochs else
-                 "interrupted after training, while building the deployed network")
-        if self._kept() is None:
-            return f"{where}, before the first checkpoint: nothing to resume, start again"
-        how = (f"continue with: {self._command()}" if self._recipe_file() else
-               f"continue with Trainer.fit(resume={str(self.checkpoint_path)!r})")
-        return f"{where}; the last checkpoint is {self._kept()}; {how}"
-
-    @contextmanager
-    def _interrupt_hint(self):
-        """On Ctrl-C: keep the pending checkpoint, print where to resume, re-raise."""
-        try:
-            yield
-        except KeyboardInterrupt:
-            self._commit()
-            self.log(self._interrupted())
-            raise
 
     # -- one epoch ---------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> List[List[int]]:
