@@ -229,7 +229,7 @@ def _run_logged(cmd: List[str], folder: Path, stem: str) -> Dict:
 
 # -- FP pretraining (a subprocess: python -m benchmarks.quality --pretrain-fp SPEC) --------
 def fp_data_config(task: str, cache: Path, sets: List[str]):
-    from lr_quant.cli import parse_value
+    from lr_quant.recipe_overrides import parse_value
     from lr_quant.train_config import DataConfig
 
     kw = {k: parse_value(v) for k, v in data_args(task, cache).items()}
@@ -239,7 +239,7 @@ def fp_data_config(task: str, cache: Path, sets: List[str]):
 
 
 def _val_fraction(sets: List[str]) -> float:
-    from lr_quant.cli import parse_value
+    from lr_quant.recipe_overrides import parse_value
     from lr_quant.train_config import TrainConfig
 
     given = [parse_value(s.split("=", 1)[1]) for s in sets if s.startswith("train.val_fraction=")]

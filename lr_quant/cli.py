@@ -27,32 +27,11 @@ import typing
 import warnings
 from typing import Any, Dict, List, Optional
 
+from .recipe_overrides import (FIELD_HELP, OVERRIDE_SECTIONS, apply_overrides, parse_value,
+                               scalar_fields)
+
 __all__ = ["main", "build_parser", "resolve_recipe", "parse_value"]
 
-OVERRIDE_SECTIONS = ("model", "train", "data", "init")
-FIELD_HELP = {
-    "model.name": "timm model name, e.g. resnet18",
-    "model.pretrained": "timm hub weights (needs a network)",
-    "model.checkpoint": "local FP weight file (.safetensors / .pth) loaded through timm",
-    "train.epochs": "fine-tuning epochs",
-    "train.batch_size": "global batch size (split over torchrun processes)",
-    "train.lr_logits": "learning rate of the LR weight logits (no weight decay)",
-    "train.lr_params": "learning rate of real-valued parameters (BN, scales, thresholds, FP layers)",
-    "train.schedule": "cosine | step | constant, per step after warmup",
-    "train.kd_weight": "0..1: (1-w) CE + w KD from the FP model",
-    "train.beta_regularizer": "binary layers: weight of sum p(1-p)",
-    "train.logit_decay": "ternary / categorical layers: weight of ||logits||^2",
-    "train.logit_clamp": "clamp logits to +-value after each step",
-    "train.sampled_networks": "K sampled networks compared with the mode on validation",
-    "train.bn_reestimate_batches": "training batches for BatchNorm re-estimation after freezing",
-    "train.val_fraction": "validation split carved from the training data",
-    "train.amp": "autocast to bfloat16",
-    "train.flush_denormal": "CPU: flush subnormal floats to zero while training (faster W1A1)",
-    "train.checkpoint_every": "also checkpoint every N steps (0: each epoch)",
-    "data.dataset": "digits | imagefolder | cifar10 | cifar100",
-    "data.root": "data folder (imagefolder: root/train/<class>, root/val/<class>)",
-    "data.download": "cifar: download with torchvision (needs a network)",
-}
 EXAMPLES = """examples:
   lr-quant quickstart
   lr-quant train -c recipes/quickstart.yaml --output runs/q --train.epochs 2
@@ -61,40 +40,6 @@ EXAMPLES = """examples:
   lr-quant eval runs/q/final.safetensors --split val
   lr-quant export runs/q/final.safetensors --output runs/q/model.onnx
 """
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value as YAML would read it, with 1e-3 style floats too."""
-    import yaml
-
-    low = text.strip().lower()
-    if low in ("none", "null", "~"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _scalar_fields(cls, prefix: str):
-    """(dotted path, type, default) for every scalar field of a dataclass, recursively."""
-    hints = typing.get_type_hints(cls)
-    default = cls()
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        path = f"{prefix}.{f.name}"
-        if dataclasses.is_dataclass(tp):
-            yield from _scalar_fields(tp, path)
-            continue
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
-        if base in (int, float, str, bool):
-            yield path, base, getattr(default, f.name)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -108,39 +53,18 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool = False) -> None
     hints = typing.get_type_hints(Recipe)
     for section in OVERRIDE_SECTIONS:
         group = p.add_argument_group(f"recipe {section}: section (overrides the -c file)")
-        for path, tp, default in _scalar_fields(hints[section], section):
+        for path, tp, default in scalar_fields(hints[section], section):
             kind = {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}[tp]
             text = FIELD_HELP.get(path, "")
             group.add_argument(f"--{path}", dest=f"recipe:{path}", default=None, metavar=kind,
                                help=f"{text} (built-in default: {default})".strip())
 
 
-def _set_path(tree: Dict[str, Any], path: str, value: Any) -> None:
-    keys = path.split(".")
-    node = tree
-    for key in keys[:-1]:
-        if not isinstance(node.get(key), dict):
-            node[key] = {} if node.get(key) is None else node[key]
-            if not isinstance(node[key], dict):
-                raise SystemExit(f"error: --set {path}: {key} is not a section")
-        node = node[key]
-    node[keys[-1]] = value
-
-
 def resolve_recipe(args) -> "Recipe":
     """The recipe of -c, with --section.key flags and --set KEY=VALUE applied, validated."""
-    from .recipe import Recipe, load_recipe
-
-    base = load_recipe(args.config).to_dict() if args.config else Recipe().to_dict()
-    for key, value in vars(args).items():
-        if key.startswith("recipe:") and value is not None:
-            _set_path(base, key[len("recipe:"):], parse_value(value))
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        _set_path(base, key.strip(), parse_value(value))
-    return Recipe.from_dict(base)
+    flags = {key[len("recipe:"):]: value for key, value in vars(args).items()
+             if key.startswith("recipe:") and value is not None}
+    return apply_overrides(args.config, flags, args.set)
 
 
 # -- subcommands --------------------------------------------------------------------------
