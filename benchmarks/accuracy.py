@@ -11,7 +11,7 @@ Tasks (all offline, in-process, seeded):
 Protocol, identical for every method: one FP model is pretrained per (task, seed); each
 method converts a copy with `lr_quant.convert` (same recipe as the speed benchmark), then
 fine-tunes with Adam at a constant learning rate (LR logits get 10x, the ratio of the
-packaged recipes' lr_logits / lr_params). The network is evaluated after 0, 1, 2, ... epochs
+packaged recipes' logits_lr / params_lr). The network is evaluated after 0, 1, 2, ... epochs
 as a *discrete* network: LR layers frozen to the mode, then BatchNorm statistics
 re-estimated on the training split (all methods, FP included). For every (method, budget,
 seed) the learning rate is the best of the sweep on the validation split; the test split

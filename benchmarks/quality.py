@@ -28,7 +28,7 @@ Protocol (the fairness rules):
   ste_sign, stochastic_ternary -> ste_ternary) through `--set`: same epochs, optimizer,
   schedule, distillation, data and learning-rate sweep.
 - Learning rate: the same sweep for every method: multipliers (default 0.3, 1, 3) applied
-  to both train.lr_logits and train.lr_params of the method's recipe. For every (task,
+  to both train.logits_lr and train.params_lr of the method's recipe. For every (task,
   model, method, budget, seed) the multiplier with the best `frozen_val_accuracy` (a
   validation split carved from the training data) is kept and that run's
   `final_test_accuracy` (the deployed network) is reported. Ties go to the multiplier
@@ -167,8 +167,8 @@ def method_args(method: str, model: str, lr_mult: float) -> List[str]:
 
     name = recipe_name(method, model)
     recipe = load_recipe(name)
-    args = ["-c", name, "--train.lr_logits", f"{recipe.train.lr_logits * lr_mult:.6g}",
-            "--train.lr_params", f"{recipe.train.lr_params * lr_mult:.6g}"]
+    args = ["-c", name, "--train.logits_lr", f"{recipe.train.logits_lr * lr_mult:.6g}",
+            "--train.params_lr", f"{recipe.train.params_lr * lr_mult:.6g}"]
     if not METHODS[method]["ste"]:
         return args
     d = recipe.to_dict()
@@ -551,7 +551,7 @@ def markdown(results: dict) -> str:
              "benchmarks/quality.py docstring. Test accuracy % of the deployed (frozen) "
              "network, mean ± std over seeds "
              f"{meta['seeds']}; learning-rate multipliers {meta['lr_mults']} on each "
-             "recipe's lr_logits / lr_params, picked per run on the validation split; FP "
+             "recipe's logits_lr / params_lr, picked per run on the validation split; FP "
              f"pretrained {lab['fp_epochs']} epochs"
              + (f"; overrides {lab['set']}" if lab["set"] else "") + ". "
              "(k/n): only k of the n runs of a cell succeeded (or were run).", "",
@@ -677,7 +677,7 @@ def parse_args(argv=None):
                    help="fine-tuning epochs")
     p.add_argument("--seeds", nargs="+", type=int, default=DEFAULTS["seeds"])
     p.add_argument("--lr-mults", nargs="+", type=float, default=DEFAULTS["lr_mults"],
-                   help="multipliers of the recipe's lr_logits and lr_params")
+                   help="multipliers of the recipe's logits_lr and params_lr")
     p.add_argument("--fp-epochs", type=int, default=15, help="FP pretraining epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every run (data.* also for FP pretraining), "

@@ -43,7 +43,7 @@ EXAMPLES = """examples:
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    from .recipe import Recipe
+    from .recipe import RENAMED_IN_VERSION_2, Recipe
 
     p.add_argument("-c", "--config", metavar="RECIPE", required=required,
                    help="recipe: a YAML path or a packaged recipe name (e.g. quickstart)")
@@ -58,6 +58,18 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool = False) -> None
             text = FIELD_HELP.get(path, "")
             group.add_argument(f"--{path}", dest=f"recipe:{path}", default=None, metavar=kind,
                                help=f"{text} (built-in default: {default})".strip())
+    for old, new in RENAMED_IN_VERSION_2.items():   # hidden, with a deprecation note
+        p.add_argument(f"--{old}", dest=f"recipe:{new}", default=None, action=_Renamed,
+                       help=argparse.SUPPRESS)
+
+
+class _Renamed(argparse.Action):
+    """A flag renamed in recipe version 2: sets the new key and says so on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = self.dest[len("recipe:"):]
+        print(f"lr-quant: {option_string} is deprecated, use --{new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def resolve_recipe(args) -> "Recipe":
@@ -261,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
             "locked while the run lasts; a folder that holds a run is refused unless --resume "
             "or --force.",
             "--resume compares the recipe with the one in the checkpoint. It applies (and "
-            "records) changed train: settings (epochs, lr_logits, lr_params, schedules, "
+            "records) changed train: settings (epochs, logits_lr, params_lr, schedules, "
             "grad_clip, ...), data.root / num_workers / download, name and description. It "
             "refuses, writing nothing, changes to anything else: model, weights, activations, "
             "keep_fp, overrides, init, the data content and train.optimizer / batch_size / "

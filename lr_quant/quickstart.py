@@ -50,8 +50,8 @@ def pretrain_fp(model_name: str, data, epochs: int, path: Path, seed: int = 0,
     """Train a float timm model on `data` and save its weights to `path` (safetensors)."""
     torch.manual_seed(seed)
     model = create_model(model_name, data.num_classes, pretrained=False)
-    config = TrainConfig(epochs=epochs, batch_size=64, optimizer="adam", lr_params=3e-3,
-                         lr_logits=1e-2, schedule="cosine", seed=seed, val_fraction=0.1)
+    config = TrainConfig(epochs=epochs, batch_size=64, optimizer="adam", params_lr=3e-3,
+                         logits_lr=1e-2, schedule="cosine", seed=seed, val_fraction=0.1)
     trainer = Trainer(model, config, data, output_dir=None, log=log, progress=progress)
     trainer.fit()
     save_weights(model, path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
@@ -52,8 +53,11 @@ __all__ = [
     "available_recipes",
 ]
 
-RECIPE_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+RECIPE_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+#: keys renamed in recipe version 2 ("lr" now means LR-nets only; learning rates end in _lr)
+RENAMED_IN_VERSION_2 = {"train.lr_logits": "train.logits_lr",
+                        "train.lr_params": "train.params_lr"}
 REGEX_PREFIX = "re:"
 
 
@@ -302,7 +306,7 @@ class Recipe:
     # -- I/O ----------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
-        return from_dict(cls, data)
+        return from_dict(cls, upgrade_recipe_dict(data))
 
     def to_dict(self) -> Dict[str, Any]:
         return to_dict(self)
@@ -327,6 +331,34 @@ class Recipe:
         if path is not None:
             Path(path).write_text(text)
         return text
+
+
+def upgrade_recipe_dict(data):
+    """A recipe mapping in the current version's layout.
+
+    Version 1 recipes (and checkpoints that recorded one) load with their renamed keys
+    moved (RENAMED_IN_VERSION_2) and a DeprecationWarning; in a version-2 recipe an old
+    key is an error that names the new one."""
+    if not isinstance(data, Mapping):
+        return data
+    version = data.get("version", RECIPE_VERSION)
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for old, new in RENAMED_IN_VERSION_2.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        values = data.get(section)
+        if not isinstance(values, dict) or old_key not in values:
+            continue
+        if version != 1:
+            raise RecipeError(old, f"renamed to {new} in recipe version 2")
+        if new_key in values:
+            raise RecipeError(old, f"{old} (version 1) and {new} are both set")
+        warnings.warn(f"recipe version 1 key {old} is now {new}; update the recipe (and "
+                      f"set version: {RECIPE_VERSION})", DeprecationWarning, stacklevel=3)
+        values[new_key] = values.pop(old_key)
+    if version == 1:
+        data["version"] = RECIPE_VERSION
+    return data
 
 
 # -- packaged recipes -------------------------------------------------------------------

@@ -46,8 +46,8 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     optimizer: str = "adam"
-    lr_logits: float = 1e-2          # LR weight logits
-    lr_params: float = 1e-3          # real-valued parameters (BN, biases, scales, thresholds, FP layers)
+    logits_lr: float = 1e-2          # LR weight logits
+    params_lr: float = 1e-3          # real-valued parameters (BN, biases, scales, thresholds, FP layers)
     weight_decay: float = 0.0        # real-valued parameters only (never the logits)
     momentum: float = 0.9            # sgd
     schedule: str = "cosine"         # per step after warmup; "step": x0.1 at 50% and 75%
@@ -91,8 +91,8 @@ class TrainConfig:
             _non_negative(name, getattr(self, name))
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not (self.lr_logits > 0 and self.lr_params > 0):
-            raise ValueError("lr_logits and lr_params must be > 0")
+        if not (self.logits_lr > 0 and self.params_lr > 0):
+            raise ValueError("logits_lr and params_lr must be > 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.kd_weight > 1:

@@ -42,10 +42,10 @@ def test_parse_value():
 def test_overrides_apply_in_order():
     args = build_parser().parse_args(
         ["train", "-c", "quickstart", "--output", "x", "--train.epochs", "7",
-         "--train.lr_logits", "1e-3", "--data.image_size", "24", "--train.grad_clip", "null",
+         "--train.logits_lr", "1e-3", "--data.image_size", "24", "--train.grad_clip", "null",
          "--set", "weights.conv=lr_ternary_per_channel", "--set", "train.sign_noise_std.end=0.2"])
     recipe = resolve_recipe(args)
-    assert recipe.train.epochs == 7 and recipe.train.lr_logits == 1e-3
+    assert recipe.train.epochs == 7 and recipe.train.logits_lr == 1e-3
     assert recipe.data.image_size == 24 and recipe.train.grad_clip is None
     assert recipe.weights.conv.name == "lr_ternary_per_channel"
     assert recipe.train.sign_noise_std.end == 0.2

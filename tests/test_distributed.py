@@ -55,8 +55,8 @@ SCRIPT = textwrap.dedent('''
     else:
         model = nn.Sequential(LRQuantLinear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
                               LRQuantLinear(64, 10))
-    cfg = TrainConfig(epochs=3 if mode == "lr" else 2, batch_size=64, lr_params=1e-2,
-                      lr_logits=3e-2, seed=0, bn_reestimate_batches=4)
+    cfg = TrainConfig(epochs=3 if mode == "lr" else 2, batch_size=64, params_lr=1e-2,
+                      logits_lr=3e-2, seed=0, bn_reestimate_batches=4)
     trainer = Trainer(model, cfg, data, output_dir=out, info=info, log=print, progress=False)
     history = trainer.fit()
     result = {"history": history, "world_size": info.world_size}

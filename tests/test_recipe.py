@@ -6,14 +6,14 @@ from typing import Dict, List, Literal, Optional, Tuple, Union
 import pytest
 
 from lr_quant import registry
-from lr_quant.recipe import (ActQuantSpec, Recipe, RecipeError, WeightQuantSpec,
+from lr_quant.recipe import (RECIPE_VERSION, ActQuantSpec, Recipe, RecipeError, WeightQuantSpec,
                              available_recipes, from_dict, load_recipe, to_dict)
 from lr_quant.train_config import TrainConfig
 
 
 def test_defaults_round_trip_dict_and_yaml(tmp_path):
     recipe = Recipe()
-    assert recipe.version == 1
+    assert recipe.version == RECIPE_VERSION == 2
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     path = tmp_path / "r.yaml"
     recipe.to_yaml(path)
@@ -22,7 +22,7 @@ def test_defaults_round_trip_dict_and_yaml(tmp_path):
 
 def test_full_recipe_round_trip(tmp_path):
     data = {
-        "version": 1,
+        "version": 2,
         "name": "custom",
         "model": {"name": "resnet10t", "num_classes": 10, "kwargs": {"drop_rate": 0.1}},
         "weights": {"conv": "lr_ternary_per_channel", "depthwise": None,
@@ -84,7 +84,7 @@ def test_full_recipe_round_trip(tmp_path):
     ({"overrides": {"fc": "lr_binary"}}, "overrides.fc", ["expected a mapping"]),
     ({"model": {"kwargs": []}}, "model.kwargs", ["expected a mapping"]),
     ({"init": {"p_min": "low"}}, "init.p_min", ["expected a number"]),
-    ({"version": 2}, "version", ["not supported"]),
+    ({"version": 3}, "version", ["not supported"]),
     ({"version": "1"}, "version", ["expected an integer"]),
 ])
 def test_bad_recipes_name_the_key_path_value_and_choices(data, path, words):
@@ -206,3 +206,19 @@ def test_act_spec_str_and_options():
     assert isinstance(spec, ActQuantSpec)
     assert str(spec) == "stochastic_sign(mode=noise, noise_std=0.5)"
     assert spec.resolve().injector.sign_mode == "noise"
+
+
+def test_version_1_names_load_with_a_deprecation_warning():
+    """Recipe version 2 renamed train.lr_logits / lr_params (learning rates) to logits_lr /
+    params_lr; version-1 files and checkpoints still load, version-2 ones must use the
+    new names."""
+    old = {"version": 1, "train": {"lr_logits": 0.1, "lr_params": 0.002, "epochs": 3}}
+    with pytest.warns(DeprecationWarning, match="train.lr_logits is now train.logits_lr"):
+        recipe = Recipe.from_dict(old)
+    assert (recipe.train.logits_lr, recipe.train.params_lr, recipe.train.epochs) == (0.1, 0.002, 3)
+    assert recipe.version == 2 and "lr_logits" not in recipe.to_dict()["train"]
+    assert old["train"]["lr_logits"] == 0.1          # the caller's mapping is not modified
+    with pytest.raises(RecipeError, match="train.lr_logits: renamed to train.logits_lr"):
+        Recipe.from_dict({"version": 2, "train": {"lr_logits": 0.1}})
+    with pytest.raises(RecipeError, match="both set"):
+        Recipe.from_dict({"version": 1, "train": {"lr_logits": 0.1, "logits_lr": 0.2}})

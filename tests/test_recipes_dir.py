@@ -27,7 +27,7 @@ def test_recipes_dir_is_found_and_complete():
 def test_recipe_file_validates_and_round_trips(path):
     raw = yaml.safe_load(path.read_text())
     recipe = Recipe.from_yaml(path)
-    assert recipe.version == 1
+    assert recipe.version == 2 and raw["version"] == 2   # packaged recipes: the current version
     assert recipe.name == path.stem
     assert load_recipe(path.stem) == recipe
     assert Recipe.from_dict(recipe.to_dict()) == recipe

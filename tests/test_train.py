@@ -15,7 +15,7 @@ from lr_quant.data import Datasets, digits_split
 from lr_quant.nn import LRQuantConv2d, LRQuantLinear, lr_layers
 from lr_quant.quant import lr_weight_quant
 from lr_quant.train import (LAST_CHECKPOINT, NonFiniteLossError, Trainer, distillation_loss,
-                            evaluate, lr_lambda, param_groups, reestimate_batchnorm,
+                            evaluate, schedule_factor, param_groups, reestimate_batchnorm,
                             regularization)
 from lr_quant.train_config import ScheduleConfig, TrainConfig
 
@@ -50,7 +50,7 @@ def quiet(*_):
 def trained_fp(data, epochs=8, seed=0):
     torch.manual_seed(seed)
     model = mlp(128)
-    Trainer(model, TrainConfig(epochs=epochs, lr_params=1e-2, seed=seed), data, log=quiet,
+    Trainer(model, TrainConfig(epochs=epochs, params_lr=1e-2, seed=seed), data, log=quiet,
             progress=False).fit()
     return model
 
@@ -58,11 +58,11 @@ def trained_fp(data, epochs=8, seed=0):
 # -- pieces --------------------------------------------------------------------------------
 def test_param_groups_separate_logits_without_decay():
     model = to_lr(mlp(16))
-    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr_logits=0.1, lr_params=0.01,
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(logits_lr=0.1, params_lr=0.01,
                                                                     weight_decay=0.05))}
     logits = {id(m.weight_logits) for _, m in lr_layers(model)}
-    assert {id(p) for p in groups["lr_logits"]["params"]} == logits
-    assert groups["lr_logits"]["lr"] == 0.1 and groups["lr_logits"]["weight_decay"] == 0.0
+    assert {id(p) for p in groups["logits_lr"]["params"]} == logits
+    assert groups["logits_lr"]["lr"] == 0.1 and groups["logits_lr"]["weight_decay"] == 0.0
     # the materialized discrete weight is not trained; BN / biases get no decay
     assert all(p.ndim <= 1 for p in groups["params_no_decay"]["params"])
     assert groups["params_no_decay"]["weight_decay"] == 0.0
@@ -72,12 +72,12 @@ def test_param_groups_separate_logits_without_decay():
 
 def test_lr_schedule_warmup_then_cosine_and_step():
     cfg = TrainConfig(epochs=4, warmup_epochs=1, schedule="cosine")
-    f = lr_lambda(cfg, steps_per_epoch=10)
+    f = schedule_factor(cfg, steps_per_epoch=10)
     assert [round(f(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     assert f(10) == pytest.approx(1.0) and f(25) == pytest.approx(0.5) and f(40) == pytest.approx(0)
-    g = lr_lambda(TrainConfig(epochs=4, schedule="step"), 10)
+    g = schedule_factor(TrainConfig(epochs=4, schedule="step"), 10)
     assert [g(0), g(19), g(20), g(30), g(39)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
-    assert lr_lambda(TrainConfig(epochs=2, schedule="constant"), 5)(7) == 1.0
+    assert schedule_factor(TrainConfig(epochs=2, schedule="constant"), 5)(7) == 1.0
 
 
 def test_distillation_loss_is_hinton_kd():
@@ -171,7 +171,7 @@ def test_bf16_autocast_and_logit_clamp():
     data = digits_data(n_train=200)
     model = to_lr(mlp(16))
     trainer = Trainer(model, TrainConfig(epochs=1, batch_size=50, amp=True, logit_clamp=0.5,
-                                         lr_logits=1.0), data, log=quiet, progress=False)
+                                         logits_lr=1.0), data, log=quiet, progress=False)
     history = trainer.fit()
     assert math.isfinite(history[0]["train_loss"])
     assert all(m.weight_logits.abs().max() <= 0.5 for _, m in lr_layers(model))
@@ -262,7 +262,7 @@ def test_fine_tuning_from_fp_recovers_accuracy(distribution, seed):
     fp_acc = evaluate(fp, data.test)["accuracy"]
     model = to_lr(copy.deepcopy(fp), distribution)
     converted = evaluate(model, data.test)["accuracy"]
-    cfg = TrainConfig(epochs=10, lr_logits=1e-2, lr_params=1e-2, seed=seed, kd_weight=0.3,
+    cfg = TrainConfig(epochs=10, logits_lr=1e-2, params_lr=1e-2, seed=seed, kd_weight=0.3,
                       sampled_networks=3)
     trainer = Trainer(model, cfg, data, teacher=fp, log=quiet, progress=False)
     trainer.fit()
@@ -280,7 +280,7 @@ def test_training_from_scratch_learns(distribution):
     data = digits_data()
     torch.manual_seed(0)
     model = to_lr(mlp(256), distribution)
-    trainer = Trainer(model, TrainConfig(epochs=15, lr_logits=1e-2, lr_params=1e-2), data,
+    trainer = Trainer(model, TrainConfig(epochs=15, logits_lr=1e-2, params_lr=1e-2), data,
                       log=quiet, progress=False)
     trainer.fit()
     assert trainer.finalize()["frozen_test_accuracy"] > 0.75

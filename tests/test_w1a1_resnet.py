@@ -27,7 +27,7 @@ def w1a1_recipe(checkpoint, epochs=10, seed=0, quantizer="stochastic_sign"):
     recipe["model"]["checkpoint"] = str(checkpoint)
     recipe["activations"] = {"quantizer": quantizer, "threshold_init": "median",
                              "drop_relu": True, "moments": True}
-    recipe["train"].update(seed=seed, epochs=epochs, lr_logits=0.1, lr_params=0.005,
+    recipe["train"].update(seed=seed, epochs=epochs, logits_lr=0.1, params_lr=0.005,
                            sampled_networks=0,
                            sign_temperature={"start": 1.0, "end": 0.5, "kind": "cosine"})
     return Recipe.from_dict(recipe)

@@ -17,7 +17,7 @@ Modules (one concept each):
 from ._util import seed_everything, unwrap
 from .evaluation import evaluate, fixed_batches, reestimate_batchnorm
 from .losses import distillation_loss, regularization
-from .optim import build_optimizer, lr_lambda, make_schedule, param_groups
+from .optim import build_optimizer, schedule_factor, make_schedule, param_groups
 from .pipeline import (TrainingResult, build_datasets_for, build_float_model,
                        estimate_checkpoint_bytes, format_metrics, load_trained_model,
                        resume_changes, run_training)
@@ -27,7 +27,7 @@ from .trainer import (FINAL_CHECKPOINT, LAST_CHECKPOINT, LossDivergedError, NonF
                       Trainer)
 
 __all__ = ["Trainer", "NonFiniteLossError", "LossDivergedError", "param_groups",
-           "build_optimizer", "lr_lambda", "make_schedule", "regularization", "distillation_loss",
+           "build_optimizer", "schedule_factor", "make_schedule", "regularization", "distillation_loss",
            "reestimate_batchnorm", "evaluate", "fixed_batches", "seed_everything", "unwrap",
            "LAST_CHECKPOINT", "FINAL_CHECKPOINT", "select_network", "deploy",
            "choose_sampled_network", "NO_LR_NETWORK", "plot_history", "write_history",

@@ -73,19 +73,19 @@ class GuardsMixin:
         """Drop the unconfirmed checkpoint and raise `error` with what is kept and how to go on."""
         self._drop_pending()
         cfg = self.config
-        flags = (f"--train.lr_logits {cfg.lr_logits / 10:g} --train.lr_params "
-                 f"{cfg.lr_params / 10:g}" + ("" if cfg.grad_clip else " --train.grad_clip 1"))
+        flags = (f"--train.logits_lr {cfg.logits_lr / 10:g} --train.params_lr "
+                 f"{cfg.params_lr / 10:g}" + ("" if cfg.grad_clip else " --train.grad_clip 1"))
         if self._kept() is None:
             kept = "no good checkpoint was written"
             how = (f"start again with lower learning rates and gradient clipping, e.g. "
                    f"{self._command(flags, fresh=True)}" if self._recipe_file() else
-                   f"start again with lower lr_logits / lr_params and grad_clip set")
+                   f"start again with lower logits_lr / params_lr and grad_clip set")
         else:
             kept = f"the last good checkpoint is {self._kept()}"
             how = (f"continue from it with lower learning rates and gradient clipping, e.g. "
                    f"{self._command(flags)}" if self._recipe_file() else
-                   f"continue from it (Trainer.fit(resume=...)) with lower lr_logits / "
-                   f"lr_params and grad_clip set")
+                   f"continue from it (Trainer.fit(resume=...)) with lower logits_lr / "
+                   f"params_lr and grad_clip set")
         raise error(f"{reason}; training stopped ({kept}). To go on, {how}; or check the data.")
 
     # -- messages ----------------------------------------------------------------------------

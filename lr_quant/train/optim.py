@@ -1,7 +1,7 @@
 """Optimizer and schedules.
 
-Optimizer groups: LR logits (lr_logits, no weight decay) and real-valued parameters
-(lr_params; weight decay on tensors with ndim > 1 only, not on BN / biases / thresholds).
+Optimizer groups: LR logits (logits_lr, no weight decay) and real-valued parameters
+(params_lr; weight decay on tensors with ndim > 1 only, not on BN / biases / thresholds).
 The learning rate is stepped per optimizer step: linear warmup over `warmup_epochs`, then
 cosine to 0, constant, or x0.1 at 50% and 75% ("step"). Sign temperature / noise follow
 `ParamSchedule`s over all steps.
@@ -19,7 +19,7 @@ from ..quant.activation import ParamSchedule
 from ..train_config import ScheduleConfig, TrainConfig
 from ._util import unwrap
 
-__all__ = ["param_groups", "build_optimizer", "lr_lambda", "make_schedule"]
+__all__ = ["param_groups", "build_optimizer", "schedule_factor", "make_schedule"]
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
@@ -35,9 +35,9 @@ def param_groups(model: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
         else:
             no_decay.append(p)
     groups = [
-        dict(params=logits, lr=config.lr_logits, weight_decay=0.0, name="lr_logits"),
-        dict(params=decay, lr=config.lr_params, weight_decay=config.weight_decay, name="params"),
-        dict(params=no_decay, lr=config.lr_params, weight_decay=0.0, name="params_no_decay"),
+        dict(params=logits, lr=config.logits_lr, weight_decay=0.0, name="logits_lr"),
+        dict(params=decay, lr=config.params_lr, weight_decay=config.weight_decay, name="params"),
+        dict(params=no_decay, lr=config.params_lr, weight_decay=0.0, name="params_no_decay"),
     ]
     return [g for g in groups if g["params"]]
 
@@ -53,7 +53,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.momentum > 0)
 
 
-def lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+def schedule_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Multiplier of the base learning rates at optimizer step `step` (0-based)."""
     total = max(1, config.epochs * steps_per_epoch)
     warmup = min(total, config.warmup_epochs * steps_per_epoch)

@@ -60,7 +60,7 @@ from .checkpointing import CheckpointingMixin
 from .evaluation import evaluate, fixed_batches
 from .guards import GuardsMixin
 from .losses import distillation_loss, regularization
-from .optim import build_optimizer, lr_lambda, make_schedule
+from .optim import build_optimizer, schedule_factor, make_schedule
 from .plots import write_history
 from .selection import deploy, select_network
 from .state import (FINAL_CHECKPOINT, LAST_CHECKPOINT, LOSS_WINDOW, LossDivergedError,
@@ -126,7 +126,7 @@ class Trainer(CheckpointingMixin, GuardsMixin):
     def _build_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model, self.config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.config, self.steps_per_epoch))
+            self.optimizer, schedule_factor(self.config, self.steps_per_epoch))
 
     def _wrap(self) -> nn.Module:
         if self.ddp is None:

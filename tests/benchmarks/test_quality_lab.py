@@ -75,8 +75,8 @@ def test_method_args_read_the_recipe_and_swap_lr_for_ste(lab):
     lr = load_recipe("resnet_w1a1").train
     args = q.method_args("ste_w1a1", "resnet10t", 3.0)
     assert args[:2] == ["-c", "resnet_w1a1"]
-    assert float(args[args.index("--train.lr_logits") + 1]) == pytest.approx(3 * lr.lr_logits)
-    assert float(args[args.index("--train.lr_params") + 1]) == pytest.approx(3 * lr.lr_params)
+    assert float(args[args.index("--train.logits_lr") + 1]) == pytest.approx(3 * lr.logits_lr)
+    assert float(args[args.index("--train.params_lr") + 1]) == pytest.approx(3 * lr.params_lr)
     sets = {args[i + 1] for i, a in enumerate(args) if a == "--set"}
     assert sets == {"weights.conv=brevitas_binary", "weights.depthwise=brevitas_binary",
                     "weights.linear=brevitas_binary", "activations.quantizer=ste_sign"}

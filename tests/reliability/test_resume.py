@@ -14,27 +14,27 @@ def snapshot(folder):
 def logits_group(path):
     _, meta, state = load_checkpoint(path)
     groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
-    return meta, groups["lr_logits"]
+    return meta, groups["logits_lr"]
 
 
 def test_changed_learning_rate_is_applied_and_recorded(stopped_run, fp_weights, cli):
     ckpt = stopped_run / "checkpoint.safetensors"
     meta, group = logits_group(ckpt)
     old = meta["recipe"]["train"]
-    assert group["initial_lr"] == old["lr_logits"] != 1e-4 and old["grad_clip"] != 1
+    assert group["initial_lr"] == old["logits_lr"] != 1e-4 and old["grad_clip"] != 1
     rc, out, err = cli("train", "--output", stopped_run, "--model.checkpoint", fp_weights, "TINY",
-                       "--resume", "--train.lr_logits", "1e-4", "--train.grad_clip", "1",
+                       "--resume", "--train.logits_lr", "1e-4", "--train.grad_clip", "1",
                        "--stop-after-steps", "3")
     assert rc == 0, err
     assert (f"resume applies the changed settings train.grad_clip: {old['grad_clip']!r} -> 1.0; "
-            f"train.lr_logits: {old['lr_logits']!r} -> 0.0001") in out
+            f"train.logits_lr: {old['logits_lr']!r} -> 0.0001") in out
     meta, group = logits_group(ckpt)
     # applied: the optimizer trained step 3 with the new base rate (same schedule position)
     assert group["initial_lr"] == 1e-4 and 0 < group["lr"] <= 1e-4
     # recorded: what was applied, nothing else
-    assert meta["recipe"]["train"]["lr_logits"] == 1e-4 == meta["train"]["lr_logits"]
+    assert meta["recipe"]["train"]["logits_lr"] == 1e-4 == meta["train"]["logits_lr"]
     assert meta["recipe"]["train"]["grad_clip"] == 1
-    assert yaml.safe_load((stopped_run / "recipe.yaml").read_text())["train"]["lr_logits"] == 1e-4
+    assert yaml.safe_load((stopped_run / "recipe.yaml").read_text())["train"]["logits_lr"] == 1e-4
 
 
 @pytest.mark.parametrize("argv, change", [

@@ -71,7 +71,7 @@ def test_nan_stop_keeps_the_last_checkpoint_whose_loss_was_checked(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "recipe.yaml").write_text("# written by lr-quant train\n")
-    trainer = _trainer(out, optimizer="sgd", lr_logits=0.05, lr_params=0.01,
+    trainer = _trainer(out, optimizer="sgd", logits_lr=0.05, params_lr=0.01,
                        checkpoint_every=1)
     trainer.fit(stop_after_steps=3)
     good = load_checkpoint(out / LAST_CHECKPOINT)[0]
@@ -86,7 +86,7 @@ def test_nan_stop_keeps_the_last_checkpoint_whose_loss_was_checked(tmp_path):
     assert _largest(model_state) < 100
     assert f"the last good checkpoint is {out / LAST_CHECKPOINT} (step 3)" in message
     assert (f"lr-quant train -c {out / 'recipe.yaml'} --output {out} --resume "
-            f"--train.lr_logits 0.005 --train.lr_params 0.001 --train.grad_clip 1") in message
+            f"--train.logits_lr 0.005 --train.params_lr 0.001 --train.grad_clip 1") in message
     assert "\n" not in message and _leftovers(out) == []
 
 
@@ -94,12 +94,12 @@ def test_resume_with_lower_learning_rates_applies_them(tmp_path):
     """The stored optimizer state carries its learning rates (1e6 here): resuming with sane
     flags must train with those, not hit NaN again at the same step."""
     out = tmp_path / "run"
-    trainer = _trainer(out, optimizer="sgd", lr_logits=0.05, lr_params=0.01)
+    trainer = _trainer(out, optimizer="sgd", logits_lr=0.05, params_lr=0.01)
     trainer.fit(stop_after_steps=3)
     _set_learning_rates(trainer, 1e6)
     trainer.save(out / LAST_CHECKPOINT)   # its optimizer holds lr 1e6 (as the issue's did)
     assert load_checkpoint(out / LAST_CHECKPOINT)[2]["optimizer"]["param_groups"][0]["lr"] == 1e6
-    resumed = _trainer(out, optimizer="sgd", lr_logits=0.05, lr_params=0.01, grad_clip=1.0)
+    resumed = _trainer(out, optimizer="sgd", logits_lr=0.05, params_lr=0.01, grad_clip=1.0)
     resumed.resume(out / LAST_CHECKPOINT)
     factor = resumed.scheduler.lr_lambdas[0](resumed.scheduler.last_epoch)
     groups = resumed.optimizer.param_groups
@@ -113,9 +113,9 @@ def test_resume_with_lower_learning_rates_applies_them(tmp_path):
 def test_runaway_loss_stops_instead_of_finishing_at_garbage(tmp_path):
     """Adam at 1e6 keeps the loss finite but astronomically high: without the divergence
     check the run ends normally. train.divergence_factor (100) stops it; 0 switches it off."""
-    _trainer(None, lr_logits=1e6, lr_params=1e6, divergence_factor=0).fit()   # finishes
+    _trainer(None, logits_lr=1e6, params_lr=1e6, divergence_factor=0).fit()   # finishes
     logs = []
-    trainer = _trainer(tmp_path / "run", logs, lr_logits=1e6, lr_params=1e6)
+    trainer = _trainer(tmp_path / "run", logs, logits_lr=1e6, params_lr=1e6)
     with pytest.raises(LossDivergedError, match=r"ran away: above train.divergence_factor "
                                                 r"\(100\) x its reference level .*training "
                                                 r"stopped \(no good checkpoint was written\)"):
@@ -158,7 +158,7 @@ def test_cli_sgd_at_1e6_stops_without_a_wrecked_checkpoint(tmp_path, fp_weights,
     rc = main(["train", "--output", str(out), "--model.checkpoint", str(fp_weights), "-c",
                "quickstart", "--train.epochs", "1", "--data.train_fraction", "0.15",
                "--train.batch_size", "32", "--train.val_fraction", "0.05", "--no-progress",
-               "--train.optimizer", "sgd", "--train.lr_logits", "1e6", "--train.lr_params",
+               "--train.optimizer", "sgd", "--train.logits_lr", "1e6", "--train.params_lr",
                "1e6", "--train.checkpoint_every", "1"])
     err = capsys.readouterr().err
     assert rc == 2, err

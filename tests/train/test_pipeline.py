@@ -48,7 +48,7 @@ def test_run_training_stopped_early_returns_the_unfinished_model(tmp_path, fp_we
 def test_run_training_sharpens_to_the_recipe_target_snr(tmp_path, fp_weights):
     """init.target_snr: the logits training starts from are Shayer's conversion tempered per
     layer by a gain of the grid (oracle: an independent conversion, sharpened by that gain;
-    lr_logits ~ 0 keeps one optimizer step from moving them)."""
+    logits_lr ~ 0 keeps one optimizer step from moving them)."""
     from lr_quant.convert import convert
     from lr_quant.nn import lr_layers
     from lr_quant.sharpness import SHARPNESS_GAINS
@@ -56,7 +56,7 @@ def test_run_training_sharpens_to_the_recipe_target_snr(tmp_path, fp_weights):
 
     recipe = tiny_recipe(fp_weights).to_dict()
     recipe["init"]["target_snr"] = 50.0
-    recipe["train"]["lr_logits"] = 1e-30
+    recipe["train"]["logits_lr"] = 1e-30
     recipe = Recipe.from_dict(recipe)
     lines = []
     result = run_training(recipe, tmp_path / "run", log=lines.append, progress=False,

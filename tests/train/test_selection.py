@@ -72,7 +72,7 @@ def test_finalize_without_lr_layers_reestimates_batchnorm_and_saves(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
     logs = []
-    cfg = TrainConfig(epochs=1, batch_size=16, lr_params=1e-2, sampled_networks=3,
+    cfg = TrainConfig(epochs=1, batch_size=16, params_lr=1e-2, sampled_networks=3,
                       bn_reestimate_batches=2)
     trainer = Trainer(model, cfg, data, output_dir=tmp_path, log=logs.append, progress=False)
     trainer.fit()
