@@ -1,35 +1,11 @@
-"""LR layers: Brevitas QuantLinear / QuantConv subclasses whose weights are distributions.
+"""LR layers: Brevitas QuantLinear / QuantConv1d/2d/3d subclasses whose weights are
+distributions (the behaviour, parameters and forward are those of
+:class:`.lr_weight.LRWeightMixin`; see its module docstring).
 
-Parameters of an LR layer:
-    weight_logits   logits of the per-weight discrete distribution (trained)
-    weight          the *materialized discrete network*: mode(logits) * s, kept in sync
-                    (not trained; what Brevitas quantizes, exports and what a stock
-                    Brevitas layer with the same quantizer would load)
-    weight_quant.…  the quantizer's learned per-channel scale, if any
-s = quantizer scale / grid unit is the per-channel scale alpha (1 for const quantizers).
-
-Forward (Shayer et al. 2018, local reparameterization):
-    train(), not frozen:  z = m + sqrt(v + eps) * e,   m = op(x; E[w] s) + b,
-                          v = op(x^2; Var[w] s^2)      (see lr_quant.functional)
-                          a MomentTensor input (m_x, v_x) adds op(v_x; E[w]^2 s^2 + Var[w] s^2)
-                          to v; with lr_output_moments=True the output is a MomentTensor
-                          carrying (m, v) with data z (see lr_quant.moments)
-    eval() or frozen:     the parent Brevitas layer with the deterministic weight, so
-                          Brevitas' QONNX export emits BipolarQuant / Quant for it.
-
-Only `inner_forward_impl` is overridden (Brevitas runs input_quant -> quant_weight ->
-bias_quant -> inner_forward_impl -> output_quant): padding modes, same-padding, groups
-and dilation all come from the parent's operator, called twice. (Strided padding='same'
-pads by constants computed from the input size, so that it exports as a static Pad.)
-
-A float state dict (no `weight_logits` key) loads as a pretrained initialization: the
-logits, the scale and the materialized weight are derived from the float weight. That
-makes `LRQuantConv2d.from_float(conv)` and Brevitas' `layerwise_quantize` (strict, or
-`assign=True` on the meta device) work unchanged.
-
-`device="meta"` gives a layer whose tensors are all on meta; `to_empty(device=...)` then
-`reset_parameters()` initializes it as a normal construction does (same seed, same state),
-and so does a state-dict load with `assign=True`.
+The explicit constructor signatures are Brevitas' plus ``lr_p_min``, ``lr_p_max``,
+``lr_eps``, ``lr_output_moments``: Brevitas' ``layerwise_quantize`` filters the kwargs it
+passes by the constructor's signature. Strided ``padding='same'`` pads by constants
+computed from the input size, so that it exports as a static Pad.
 """
 
 from __future__ import annotations
