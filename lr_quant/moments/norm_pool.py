@@ -49,6 +49,13 @@ def _batch_norm(func, args, kwargs):
 # --- pooling and reductions ----------------------------------------------------------
 
 
+def _on_sample_and_moments(func, x, args, kwargs):
+    """(func(sample), func(mean), func(var)): a pooling applied to all three (the variance
+    still needs the pool's weights, which each caller applies)."""
+    return (func(*args, **kwargs), func(x.moment_mean, *args[1:], **kwargs),
+            func(x.moment_var, *args[1:], **kwargs))
+
+
 def _avg_pool_handler(nd: int):
     names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
              "divisor_override")
@@ -60,9 +67,7 @@ def _avg_pool_handler(nd: int):
         if not has_moments(x):
             return NOT_HANDLED
         with _disabled():
-            data = func(*args, **kwargs)
-            mean = func(x.moment_mean, *args[1:], **kwargs)
-            pooled_var = func(x.moment_var, *args[1:], **kwargs)
+            data, mean, pooled_var = _on_sample_and_moments(func, x, args, kwargs)
             # weight 1/d of each window: pool(ones) = n_valid / d, sum-pool(ones) = n_valid
             ones = torch.ones((1, 1) + tuple(x.shape[-nd:]), dtype=x.dtype, device=x.device)
             b1 = dict(b)
@@ -96,9 +101,7 @@ def _adaptive_avg_pool_handler(nd: int):
         if not has_moments(x):
             return NOT_HANDLED
         with _disabled():
-            data = func(*args, **kwargs)
-            mean = func(x.moment_mean, *args[1:], **kwargs)
-            pooled_var = func(x.moment_var, *args[1:], **kwargs)
+            data, mean, pooled_var = _on_sample_and_moments(func, x, args, kwargs)
             sizes = (output_size,) * nd if isinstance(output_size, int) else tuple(output_size)
             count = torch.ones(())
             for k, (n_in, n_out) in enumerate(zip(x.shape[-nd:], sizes)):
