@@ -49,7 +49,8 @@ from brevitas.quant.ternary import SignedTernaryActPerTensorConst, SignedTernary
 from .quant.activation import (SIGN_MODES, StochasticSignActPerTensorConst,
                                StochasticTernaryActPerTensorConst)
 from .quant.threshold import TernaryThreshold, ThresholdShift
-from .quant.weight import integer_grid, lr_weight_quant
+from .distributions import get_distribution
+from .quant.weight import lr_weight_quant
 
 __all__ = [
     "WeightQuantizer",
@@ -170,32 +171,35 @@ def check_quantizer_spec(kind: str, spec) -> None:
 # -- weight quantizers ------------------------------------------------------------------
 
 
-def _lr(name, distribution, per_channel_scale, precision):
-    return WeightQuantizer(name, lr_weight_quant(distribution, per_channel_scale), precision, LR)
+def _lr(name, distribution, per_channel_scale):
+    """An LR quantizer; its precision is the distribution's (bits to store one discrete
+    weight: WeightDistribution.precision), the one place that number comes from."""
+    return WeightQuantizer(name, lr_weight_quant(distribution, per_channel_scale),
+                           get_distribution(distribution).precision, LR)
 
 
 @register_weight_quantizer("lr_binary")
 def _lr_binary():
     """LR binary {-1, +1}, scale 1 (for layers followed by a normalization)."""
-    return _lr("lr_binary", "binary", False, 1)
+    return _lr("lr_binary", "binary", False)
 
 
 @register_weight_quantizer("lr_binary_per_channel")
 def _lr_binary_per_channel():
     """LR binary with a learned per-output-channel scale alpha."""
-    return _lr("lr_binary_per_channel", "binary", True, 1)
+    return _lr("lr_binary_per_channel", "binary", True)
 
 
 @register_weight_quantizer("lr_ternary")
 def _lr_ternary():
     """LR ternary {-1, 0, +1}, scale 1."""
-    return _lr("lr_ternary", "ternary", False, 2)
+    return _lr("lr_ternary", "ternary", False)
 
 
 @register_weight_quantizer("lr_ternary_per_channel")
 def _lr_ternary_per_channel():
     """LR ternary with a learned per-output-channel scale alpha."""
-    return _lr("lr_ternary_per_channel", "ternary", True, 2)
+    return _lr("lr_ternary_per_channel", "ternary", True)
 
 
 @register_weight_quantizer("lr_categorical")
@@ -206,9 +210,8 @@ def _lr_categorical(values, per_channel_scale: bool = False):
         raise TypeError(f"values must be a list of at least 2 numbers, got {values!r}")
     if not isinstance(per_channel_scale, bool):
         raise TypeError(f"per_channel_scale must be a bool, got {per_channel_scale!r}")
-    _, _, bit_width = integer_grid([float(v) for v in values])
     dist = {"name": "categorical", "values": tuple(float(v) for v in values)}
-    return _lr("lr_categorical", dist, per_channel_scale, bit_width)
+    return _lr("lr_categorical", dist, per_channel_scale)
 
 
 @register_weight_quantizer("brevitas_binary")

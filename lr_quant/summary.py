@@ -106,7 +106,7 @@ def _bytes(n: float) -> str:
 
 def _weight_bits(module: nn.Module) -> Optional[int]:
     if isinstance(module, LRWeightMixin):
-        return max(1, math.ceil(math.log2(len(module.lr_distribution.values))))
+        return module.lr_distribution.precision
     quant = getattr(module, "weight_quant", None)
     if quant is not None and getattr(quant, "is_quant_enabled", False):
         try:

@@ -89,3 +89,18 @@ def test_converted_layers_report_their_own_input_quantizer(recipe, bits):
     first = model.pretrained_cfg["first_conv"]
     assert rows[first].input_bits == 32
     assert (s.totals["xnor_mac_share"] > 0.5) == (bits == 1)
+
+
+@pytest.mark.parametrize("spec, bits", [
+    ("lr_binary", 1), ("lr_ternary_per_channel", 2),
+    ({"name": "lr_categorical", "values": [-3, -1, 1, 3]}, 2),      # 4 values: 2-bit indices
+    ({"name": "lr_categorical", "values": [-2, -1, 0, 1, 2]}, 3),
+])
+def test_weight_bits_have_one_source(spec, bits):
+    """The registry's precision, the distribution's and the summary's W bits agree."""
+    from lr_quant.registry import get_weight_quantizer
+
+    quantizer = get_weight_quantizer(spec)
+    layer = LRQuantConv2d(4, 4, 3, bias=False, weight_quant=quantizer.injector)
+    row = model_summary(nn.Sequential(layer), torch.randn(1, 4, 5, 5)).rows[0]
+    assert quantizer.precision == layer.lr_distribution.precision == row.weight_bits == bits
