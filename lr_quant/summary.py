@@ -148,8 +148,10 @@ def _macs(module: nn.Module, out: Tensor) -> int:
 
 def _params_and_memory(module: nn.Module, weight_bits: Optional[int]):
     params, memory = 0, 0
+    training_state = {id(p) for m in module.modules() if isinstance(m, LRWeightMixin)
+                      for p in m.lr_parameters()}
     for name, p in module.named_parameters(recurse=True):
-        if name == "weight_logits":
+        if id(p) in training_state:
             continue
         n = p.numel()
         params += n

@@ -36,7 +36,7 @@ and so does a state-dict load with `assign=True`.
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -152,6 +152,11 @@ class LRWeightMixin:
     @property
     def _lr_ready(self) -> bool:
         return "weight_logits" in self._parameters
+
+    def lr_parameters(self) -> List[nn.Parameter]:
+        """The distribution's trained parameters (the weight logits): training state that a
+        deployed network does not hold (own optimizer group, not counted as a parameter)."""
+        return [self.weight_logits] if self._lr_ready else []
 
     def _scale_parameter_name(self) -> Optional[str]:
         if "_lr_scale_name" in self.__dict__:

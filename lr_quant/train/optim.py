@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch import nn
 
-from ..quant.activation import ParamSchedule
+from ..nn.lr_layers import lr_layers
+from ..schedule import ParamSchedule
 from ..train_config import ScheduleConfig, TrainConfig
 from ._util import unwrap
 
@@ -25,10 +26,12 @@ __all__ = ["param_groups", "build_optimizer", "schedule_factor", "make_schedule"
 def param_groups(model: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
     """[LR logits (no decay), real params with decay (ndim > 1), real params without decay]."""
     logits, decay, no_decay = [], [], []
-    for name, p in unwrap(model).named_parameters():
+    model = unwrap(model)
+    lr_params = {id(p) for _, layer in lr_layers(model) for p in layer.lr_parameters()}
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("weight_logits"):
+        if id(p) in lr_params:
             logits.append(p)
         elif p.ndim > 1:
             decay.append(p)
