@@ -40,6 +40,8 @@ __all__ = [
     "LRBinaryWeightPerChannelFloat",
     "LRTernaryWeightPerTensorConst",
     "LRTernaryWeightPerChannelFloat",
+    "LRIntegerWeightPerTensorConst",
+    "LRIntegerWeightPerChannelFloat",
     "lr_weight_quant",
     "integer_grid",
     "distribution_from_quantizer",
@@ -109,9 +111,18 @@ class LRBinaryWeightPerChannelFloat(_PerChannelFloat, LRBinaryWeightPerTensorCon
     """Binary weights with a learned per-output-channel scale alpha."""
 
 
-class LRTernaryWeightPerTensorConst(LRWeightQuant):
-    """Ternary {-1, 0, +1} weights (Shayer), scale 1: exported as a 2-bit narrow `Quant`."""
+class LRIntegerWeightPerTensorConst(LRWeightQuant):
+    """Weights on a narrow-range signed integer grid (``bit_width`` bits, set with
+    ``.let``), exported as a narrow `Quant`; `lr_weight_quant` builds the categorical ones."""
     quant_type = QuantType.INT
+
+
+class LRIntegerWeightPerChannelFloat(_PerChannelFloat, LRIntegerWeightPerTensorConst):
+    """Integer-grid weights with a learned per-output-channel scale alpha."""
+
+
+class LRTernaryWeightPerTensorConst(LRIntegerWeightPerTensorConst):
+    """Ternary {-1, 0, +1} weights (Shayer), scale 1: exported as a 2-bit narrow `Quant`."""
     bit_width = 2
     lr_distribution = "ternary"
     lr_values = (-1.0, 0.0, 1.0)
@@ -130,11 +141,14 @@ def lr_weight_quant(
     """
     dist = get_distribution(distribution)
     unit, _, bit_width = integer_grid(dist.values)
-    base = {
-        (1, False): LRBinaryWeightPerTensorConst, (1, True): LRBinaryWeightPerChannelFloat,
-    }.get((bit_width, per_channel_scale))
-    if base is None:
-        base = LRTernaryWeightPerChannelFloat if per_channel_scale else LRTernaryWeightPerTensorConst
+    if bit_width == 1:
+        base = LRBinaryWeightPerChannelFloat if per_channel_scale else LRBinaryWeightPerTensorConst
+    elif dist.name == "ternary":
+        base = LRTernaryWeightPerChannelFloat if per_channel_scale else \
+            LRTernaryWeightPerTensorConst
+    else:
+        base = LRIntegerWeightPerChannelFloat if per_channel_scale else \
+            LRIntegerWeightPerTensorConst
     # Brevitas' integer quantizers hold the threshold: scale = threshold / max_int.
     threshold = unit * threshold_factor(bit_width)
     return base.let(
