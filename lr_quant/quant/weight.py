@@ -32,7 +32,8 @@ from brevitas.inject.enum import RestrictValueType
 from brevitas.inject.enum import ScalingImplType
 from brevitas.quant.solver import WeightQuantSolver
 
-from ..distributions import WeightDistribution, get_distribution
+from ..distributions import (BinaryDistribution, TernaryDistribution, WeightDistribution,
+                             get_distribution)
 
 __all__ = [
     "LRWeightQuant",
@@ -103,8 +104,7 @@ class LRBinaryWeightPerTensorConst(LRWeightQuant):
     """Binary {-1, +1} weights, scale 1: exported as BipolarQuant."""
     quant_type = QuantType.BINARY
     bit_width = 1
-    lr_distribution = "binary"
-    lr_values = (-1.0, 1.0)
+    lr_distribution = BinaryDistribution()
 
 
 class LRBinaryWeightPerChannelFloat(_PerChannelFloat, LRBinaryWeightPerTensorConst):
@@ -124,8 +124,7 @@ class LRIntegerWeightPerChannelFloat(_PerChannelFloat, LRIntegerWeightPerTensorC
 class LRTernaryWeightPerTensorConst(LRIntegerWeightPerTensorConst):
     """Ternary {-1, 0, +1} weights (Shayer), scale 1: exported as a 2-bit narrow `Quant`."""
     bit_width = 2
-    lr_distribution = "ternary"
-    lr_values = (-1.0, 0.0, 1.0)
+    lr_distribution = TernaryDistribution()
 
 
 class LRTernaryWeightPerChannelFloat(_PerChannelFloat, LRTernaryWeightPerTensorConst):
@@ -155,8 +154,7 @@ def lr_weight_quant(
         bit_width=bit_width,
         scaling_const=threshold,
         scaling_init=threshold,
-        lr_distribution=dist.name,
-        lr_values=dist.values)
+        lr_distribution=dist)
 
 
 def threshold_factor(bit_width: int) -> int:
@@ -178,19 +176,22 @@ def is_lr_weight_quant(quant) -> bool:
     if injector is None:
         return False
     try:
-        return isinstance(injector.lr_distribution, str)
+        return isinstance(injector.lr_distribution, (WeightDistribution, str))
     except Exception:  # dependencies raises its own error types for missing attributes
         return False
 
 
 def distribution_from_quantizer(quant) -> WeightDistribution:
-    """The WeightDistribution an LR quantizer (injector or proxy) is tagged with."""
+    """The WeightDistribution an LR quantizer (injector or proxy) carries as
+    ``lr_distribution`` (a name plus ``lr_values`` for categorical sets is accepted too)."""
     if not is_lr_weight_quant(quant):
         raise TypeError(
             f"{quant!r} is not an LR weight quantizer (it has no `lr_distribution` tag); "
             f"use one of lr_quant.quant.weight's quantizers or lr_weight_quant(...)")
     injector = _injector(quant)
     name = injector.lr_distribution
+    if isinstance(name, WeightDistribution):
+        return name
     values = tuple(injector.lr_values)
     if name == "categorical":
         return get_distribution(name, values=values)
