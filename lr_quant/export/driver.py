@@ -181,7 +181,7 @@ def export_qonnx(
             Choose a sampled network with `lr_quant.freeze(model, "sample", seed=...)`
             before exporting. BatchNorm statistics are exported as they are: re-estimate
             them on the frozen network first.
-        require_frozen: shorthand for freeze="require" (kept for existing callers).
+        require_frozen: True is freeze="require".
         verify: execute the file with qonnx and compare with PyTorch (recommended).
         num_checks: verification inputs: example_input plus num_checks - 1 random inputs
             of its shape (normal, with its mean and std; seeded by `seed`).
