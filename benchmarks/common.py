@@ -22,6 +22,13 @@ METHODS: Dict[str, dict] = {
                   depthwise="lr_ternary_per_channel", act=None),
     "lr_w1a1": dict(label="LR W1A1", weights="lr_binary_per_channel",
                     depthwise="lr_binary_per_channel", act="stochastic_sign"),
+    # the same models as lr_w1 / lr_w1a1 with the compiled training path
+    # (lr_quant.set_compile, recipe option train.compile)
+    "lr_w1_compiled": dict(label="LR W1 compiled", weights="lr_binary_per_channel",
+                           depthwise="lr_binary_per_channel", act=None, compile=True),
+    "lr_w1a1_compiled": dict(label="LR W1A1 compiled", weights="lr_binary_per_channel",
+                             depthwise="lr_binary_per_channel", act="stochastic_sign",
+                             compile=True),
     "ste_w1": dict(label="STE W1", weights="brevitas_binary", depthwise="brevitas_binary",
                    act=None),
     "ste_w2": dict(label="STE W2 (ternary)", weights="brevitas_ternary",
@@ -67,6 +74,10 @@ def convert_method(model: nn.Module, method: str, example: torch.Tensor, **kw) -
     convert(model, recipe, example_input=example[:8])
     if METHODS[method]["act"] is not None:
         calibrate_thresholds(model, example)
+    if METHODS[method].get("compile"):
+        from lr_quant import set_compile
+
+        set_compile(model)
     return model
 
 

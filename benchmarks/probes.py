@@ -1,13 +1,15 @@
 """Measured evidence for the LR layer speed suggestions in docs/benchmarks.md (CPU).
 
-    python -m benchmarks.probes        # ~3 min on 2 shared cores; prints a small table
+    python -m benchmarks.probes        # ~5 min on 2 shared cores; prints a small table
 
 1. torch.cosh is not vectorized on CPU: elementwise op timings on a weight-sized tensor.
 2. LRWeightMixin.lr_scale() calls quant_weight() (a weight-sized Brevitas quantization,
    forward and backward) only to read the scale; the scaling module alone gives the same.
-3. resnet18 training step: _BinaryMoments with var = 4 e / (1 + e)^2, e = exp(-|theta|)
-   (= sech^2(theta / 2)) instead of cosh(theta / 2)^-2 (monkeypatched here, not in lr_quant).
-4. W1A1 steps with and without torch.set_flush_denormal(True) (denormal floats in the
+3. The binary sign's training math: torch's log_ndtr-based composed ops against the fused
+   autograd nodes now in lr_quant (issue 14).
+4. One LR conv layer eager and compiled (lr_quant.compile_regions), with Inductor's own
+   random numbers and with fallback_random (issue 14).
+5. W1A1 steps with and without torch.set_flush_denormal(True) (denormal floats in the
    activation-moment path slow the CPU convolutions).
 Every comparison alternates its configurations in one process; medians over rounds.
 """
@@ -82,32 +84,75 @@ def _resnet_steps(methods, rounds, toggles):
     return step
 
 
-def binary_var_exp(rounds=5) -> dict:
-    import lr_quant.distributions as D
+def sign_path(rounds=5) -> dict:
+    """The binary sign's training math on 16x64x56x56 moments, forward + backward: the
+    composed ops (log_ndtr log-odds, erf / ndtr moments, straight-through sample) against
+    the fused autograd nodes of lr_quant.functional.sign_fused."""
+    from lr_quant.functional import sign as S
 
-    original = D._BinaryMoments.forward
-    use_exp = [False]
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(16 * 64 * 56 * 56, generator=g).requires_grad_(True)
+    v = (torch.rand(m.shape, generator=g) + 0.1).requires_grad_(True)
 
-    def forward(ctx, logits):
-        if not use_exp[0]:
-            return original(ctx, logits)
-        mean = torch.tanh(0.5 * logits)
-        e = logits.abs().neg_().exp_()
-        var = e.div_((1 + e).square_()).mul_(4)
-        ctx.save_for_backward(mean, var)
-        return mean, var
+    def composed():
+        z = S.sign_z(m, v)
+        log_odds = torch.special.log_ndtr(z) - torch.special.log_ndtr(-z)
+        mean, var = torch.erf(z * 0.7071067811865476), 4.0 * S.ndtr(z) * S.ndtr(-z)
+        u = torch.rand_like(log_odds).clamp(1e-38, 1 - 6e-8)
+        y = log_odds + torch.log(u) - torch.log1p(-u)
+        soft = 2.0 * torch.sigmoid(y) - 1.0
+        s = S.binary_sign(y.detach()) + (soft - soft.detach())
+        (s.sum() + mean.sum() + var.sum()).backward()
 
-    D._BinaryMoments.forward = staticmethod(forward)
-    try:
-        toggles = {"cosh": lambda: use_exp.__setitem__(0, False),
-                   "exp": lambda: use_exp.__setitem__(0, True)}
-        step = _resnet_steps(["fp", "lr_w1"], rounds, toggles)
-        res = _alternate({"FP": lambda: step("fp", "cosh"),
-                          "LR W1 (cosh)": lambda: step("lr_w1", "cosh"),
-                          "LR W1 (exp)": lambda: step("lr_w1", "exp")}, rounds)
-    finally:
-        D._BinaryMoments.forward = original
-    return res
+    def fused():
+        log_odds, mean, var = S.sign_log_odds_and_moments(m, v)
+        s = S.relaxed_sign_sample(log_odds, 1.0, validate=False)
+        (s.sum() + mean.sum() + var.sum()).backward()
+
+    return _alternate({"composed (log_ndtr)": composed, "fused (sign_fused)": fused}, rounds)
+
+
+def compiled_lr_layer(rounds=7) -> dict:
+    """One 64->64 3x3 LR conv at 56x56, batch 16, forward + backward: eager, the compiled
+    region with Inductor's own random numbers, and with lr_quant's INDUCTOR_OPTIONS
+    (fallback_random), against the float conv."""
+    import copy
+
+    import lr_quant.nn.lr_weight as lr_weight
+    from lr_quant import LRQuantConv2d, set_compile
+    from lr_quant.compile_regions import INDUCTOR_OPTIONS
+    from lr_quant.quant import lr_weight_quant
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    base = LRQuantConv2d.from_float(conv, weight_quant=lr_weight_quant("binary", True)).train()
+    x = torch.randn(16, 64, 56, 56, requires_grad=True)
+    compiled_fns = {
+        "inductor random": torch.compile(lr_weight.LRWeightMixin._lr_sample_core,
+                                         options={**INDUCTOR_OPTIONS, "fallback_random": False}),
+        "fallback_random": torch.compile(lr_weight.LRWeightMixin._lr_sample_core,
+                                         options=INDUCTOR_OPTIONS)}
+    original = lr_weight.compiled
+    layers = {}
+
+    def runner(name):
+        layer = layers.setdefault(name, copy.deepcopy(base))
+        if name != "eager":
+            set_compile(layer)
+
+        def run():
+            if name != "eager":
+                lr_weight.compiled = lambda fn: compiled_fns[name]
+            try:
+                layer(x).sum().backward()
+            finally:
+                lr_weight.compiled = original
+        return run
+
+    return _alternate({"FP conv": lambda: conv(x).sum().backward(),
+                       "LR eager": runner("eager"),
+                       "LR compiled, inductor random": runner("inductor random"),
+                       "LR compiled, fallback_random": runner("fallback_random")}, rounds)
 
 
 def flush_denormal(rounds=4) -> dict:
@@ -126,7 +171,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     for title, fn in [("elementwise op on 2.36M floats (ms)", elementwise),
                       ("LR per-channel scale of a 512x512x3x3 layer, fwd+bwd (ms)", scale_lookup),
-                      ("resnet18 training step, batch 32, 32x32 (ms)", binary_var_exp),
+                      ("sign training math, 3.2M elements, fwd+bwd (ms)", sign_path),
+                      ("one LR 3x3 conv 64->64, 56x56, batch 16, fwd+bwd (ms)",
+                       compiled_lr_layer),
                       ("resnet18 W1A1 training step, batch 32, 32x32 (ms)", flush_denormal)]:
         res = fn()
         print(title)

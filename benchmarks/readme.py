@@ -31,18 +31,17 @@ def section(results: dict, results_dir: str) -> str:
         lines += [f"![training step time and memory vs FP]({results_dir}/speed_memory.png)", ""]
     if results.get("speed"):
         first = results["speed"][0]
-        lines += [f"Training step (forward + backward + SGD step), batch {first['batch']}, "
-                  f"{first['image_size']}x{first['image_size']}, CPU, {first['threads']} "
-                  f"thread(s), "
-                  "median of alternating rounds, ratio to FP32 (memory: saved activations + "
-                  "parameters, gradients, momentum):", "",
+        lines += [f"Training step (forward + backward + SGD step), CPU, {first['threads']} "
+                  f"thread(s), median of alternating rounds, ratio to FP32 at the same input "
+                  "(memory: saved activations + parameters, gradients, momentum); 'compiled': "
+                  "`train.compile: true`, timed after its compilation:", "",
                   "| model | " + " | ".join(results["speed"][0]["labels"][m]
                                              for m in results["speed"][0]["times"]) + " |",
                   "| --- |" + " ---: |" * len(results["speed"][0]["times"])]
         for res in results["speed"]:
-            lines.append(f"| {res['model']} step | " + " | ".join(
+            lines.append(f"| {report.case(res)} step | " + " | ".join(
                 f"{t['ratio_fp']:.2f}x" for t in res["times"].values()) + " |")
-            lines.append(f"| {res['model']} memory | " + " | ".join(
+            lines.append(f"| {report.case(res)} memory | " + " | ".join(
                 f"{res['memory'][m]['ratio_fp']:.2f}x" for m in res["times"]) + " |")
         lines += ["", "Targets:", ""] + report.target_table(results) + [""]
     if results.get("accuracy"):

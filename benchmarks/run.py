@@ -3,7 +3,8 @@
 Writes results.json (every number, per-round samples and per-run accuracies included),
 results.md (tables) and PNG plots. Parts: speed (training step time, memory, profiles),
 accuracy (digits MLP, procedural gratings CNN), export (QONNX export, packed size).
---quick runs a tiny configuration of each part (the smoke test).
+--quick runs a tiny configuration of each part (the smoke test). ``--parts`` runs a subset;
+the other parts of an existing results.json in --out are kept (meta.kept_parts says from when).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from . import accuracy, export_size, report, speed
 
 FULL = dict(
-    speed_models=["resnet18", "mobilenetv2_050"], speed_rounds=7, batch=32, image_size=32,
+    speed_models=["resnet18", "mobilenetv2_050"], speed_rounds=7,
+    speed_cases=[(32, 32), (112, 16), (224, 8)],   # (image size, batch)
     speed_methods=speed.SPEED_METHODS, profile_methods=["fp", "lr_w1", "ste_w1", "lr_w1a1"],
     micro_threads="1,2",
     micro_rounds=9,
@@ -34,13 +36,37 @@ FULL = dict(
     tasks=["digits_mlp_mid", "digits_mlp_all", "gratings_cnn"],
     acc_methods=accuracy.ACC_METHODS)
 QUICK = dict(
-    speed_models=["resnet10t"], speed_rounds=1, batch=4, image_size=32, micro_rounds=1,
+    speed_models=["resnet10t"], speed_rounds=1, speed_cases=[(32, 4)], micro_rounds=1,
     speed_methods=["fp", "lr_w1", "ste_w1"], profile_methods=["lr_w1"], micro_threads="1",
     seeds=[0], lrs=[3e-3], digits_budgets=[0, 1], digits_fp_epochs=1,
     gratings=dict(n_train=100, n_val=50, n_test=50), gratings_budgets=[0, 1],
     gratings_fp_epochs=1, gratings_width=4,
     tasks=["digits_mlp_mid", "gratings_cnn"],
     acc_methods=["fp", "lr_w1", "lr_w1a1", "ste_w1a1"])
+
+
+PART_KEYS = {"speed": ("speed", "conv_microbench", "targets"),
+             "accuracy": ("accuracy", "accuracy_protocol"), "export": ("export",)}
+
+
+def _keep_parts_not_run(results: dict, previous_path: Path, parts: set) -> None:
+    """A run of some parts keeps the other parts of an earlier results.json in the same
+    folder (marked in meta.kept_parts with that run's date and command)."""
+    if not previous_path.exists():
+        return
+    previous = json.loads(previous_path.read_text())
+    kept = {}
+    for part, keys in PART_KEYS.items():
+        if part in parts or not all(k in previous for k in keys[:1]):
+            continue
+        for k in keys:
+            if k in previous:
+                results[k] = previous[k]
+        old_meta = previous.get("meta", {})
+        kept[part] = old_meta.get("kept_parts", {}).get(part) or dict(
+            date=old_meta.get("date"), command=old_meta.get("command"))
+    if kept:
+        results["meta"]["kept_parts"] = kept
 
 
 def main(argv=None) -> int:
@@ -88,11 +114,12 @@ def main(argv=None) -> int:
         if "speed" in parts:
             results["speed"] = []
             for name in cfg["speed_models"]:
-                log(f"speed: {name}")
-                results["speed"].append(speed.run_model(name, cfg["speed_rounds"], cfg["batch"],
-                                                        cfg["image_size"], methods=cfg["speed_methods"],
-                                                        profile_methods=cfg["profile_methods"],
-                                                        log=log))
+                for size, batch in cfg["speed_cases"]:
+                    log(f"speed: {name} {size}x{size} batch {batch}")
+                    results["speed"].append(speed.run_model(
+                        name, cfg["speed_rounds"], batch, size, methods=cfg["speed_methods"],
+                        profile_methods=cfg["profile_methods"] if size == cfg["speed_cases"][0][0]
+                        else (), log=log))
             results["conv_microbench"] = []
             micro = args.micro_threads or cfg["micro_threads"]
             for n in [int(t) for t in micro.split(",") if t]:
@@ -127,6 +154,7 @@ def main(argv=None) -> int:
             log("export / pack")
             results["export"] = export_size.run(args.quick, log=log)
 
+        _keep_parts_not_run(results, out / "results.json", parts)
         results["meta"]["total_s"] = time.perf_counter() - t_start
         results["meta"]["load_avg_end"] = list(os.getloadavg())
         plot_files = report.plots(results, out)

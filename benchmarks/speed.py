@@ -22,7 +22,8 @@ from torch import nn
 
 from .common import METHODS, convert_method, median
 
-SPEED_METHODS = ["fp", "lr_w1", "lr_w2", "lr_w1a1", "ste_w1", "ste_w1a1"]
+SPEED_METHODS = ["fp", "lr_w1", "lr_w1_compiled", "lr_w2", "lr_w1a1", "lr_w1a1_compiled",
+                 "ste_w1", "ste_w1a1"]
 
 
 def _plain(t):
@@ -148,7 +149,8 @@ def run_model(model_name: str, rounds: int, batch: int, image_size: int,
         for m, t in times.items():
             t["ratio_fp_per_round_median"] = median(
                 [a / b for a, b in zip(t["samples_s"], fp_samples)])
-    return dict(model=model_name, batch=batch, image_size=image_size, rounds=rounds,
+    return dict(model=model_name, case=f"{model_name} {image_size}x{image_size} b{batch}",
+                batch=batch, image_size=image_size, rounds=rounds,
                 threads=torch.get_num_threads(), times=times, memory=memory,
                 profiles=profiles, errors=errors,
                 labels={m: METHODS[m]["label"] for m in methods})

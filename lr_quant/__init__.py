@@ -2,6 +2,7 @@
 
 from . import distributions, functional
 from .distributions import get_distribution
+from .compile_regions import set_compile
 from .freeze import freeze, is_frozen, unfreeze
 from .nn import (LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear, StochasticSign,
                  StochasticTernarySign, lr_layers, lr_regularization)
@@ -17,6 +18,7 @@ __all__ = [
     "freeze",
     "unfreeze",
     "is_frozen",
+    "set_compile",
     "LRQuantLinear",
     "LRQuantConv1d",
     "LRQuantConv2d",

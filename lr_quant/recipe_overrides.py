@@ -37,6 +37,7 @@ FIELD_HELP = {
     "train.val_fraction": "validation split carved from the training data",
     "train.amp": "autocast to bfloat16",
     "train.flush_denormal": "CPU: flush subnormal floats to zero while training (faster W1A1)",
+    "train.compile": "torch.compile the LR / sign training math (fused passes; compiles first)",
     "train.checkpoint_every": "also checkpoint every N steps (0: each epoch)",
     "data.dataset": "digits | imagefolder | cifar10 | cifar100",
     "data.root": "data folder (imagefolder: root/train/<class>, root/val/<class>)",

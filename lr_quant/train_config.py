@@ -59,6 +59,10 @@ class TrainConfig:
     # subnormals (Phi tails, exp) that put oneDNN convolutions on a slow path; flushing
     # them changes values below 1.2e-38 only. Measured: resnet18 W1A1 step -34%.
     flush_denormal: bool = True
+    # torch.compile each LR layer's and stochastic sign's training math while fitting
+    # (lr_quant.compile_regions): fused elementwise passes, same distribution of results; costs a
+    # compilation (about 1-2 min on a CPU per model) at the first steps.
+    compile: bool = False
     seed: int = 0
     kd_weight: float = 0.0           # in [0, 1]: (1 - w) CE + w T^2 KL(teacher || student)
     kd_temperature: float = 4.0

@@ -50,10 +50,10 @@ class BinaryDistribution(WeightDistribution):
         return logits * gain   # p^g / (p^g + (1-p)^g) = sigmoid(g theta)
 
     def moments(self, logits):
-        return BinaryMoments.apply(logits, None)
+        return BinaryMoments.moments(logits)
 
     def scaled_moments(self, logits, scale=None):
-        return BinaryMoments.apply(logits, scale)
+        return BinaryMoments.moments(logits, scale)
 
     def mode(self, logits):
         one = torch.ones((), dtype=logits.dtype, device=logits.device)

@@ -21,41 +21,51 @@ class ScaledMoments(torch.autograd.Function):
     backward recomputes the elementwise statistics instead of keeping weight-sized tensors
     alive (binary: 2, ternary: 6 fewer per layer). Subclasses give ``_stats(logits)`` ->
     (mu, var, aux) and ``_grad_logits(logits, aux, g_mu, g_var)`` for the unscaled
-    moments; then d/ds = sum(g_m mu + 2 s g_v var) and the logits see g_m s, g_v s^2."""
+    moments; then d/ds = sum(g_m mu + 2 s g_v var) and the logits see g_m s, g_v s^2.
 
-    @classmethod
-    def _stats(cls, logits):
+    ``forward`` / ``backward`` are static methods that look the subclass up on ``ctx``
+    (torch.compile traces static ``forward(ctx, ...)`` only)."""
+
+    @staticmethod
+    def _stats(logits):
         raise NotImplementedError
 
-    @classmethod
-    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+    @staticmethod
+    def _grad_logits(logits, aux, grad_mean, grad_var):
         raise NotImplementedError
 
-    @classmethod
-    def forward(cls, ctx, logits, scale):
-        mean, var, _ = cls._stats(logits)
+    @staticmethod
+    def forward(ctx, logits, scale, kind):
+        mean, var, _ = kind._stats(logits)
+        ctx.kind = kind
         if scale is None:
             ctx.save_for_backward(logits)
             return mean, var
         ctx.save_for_backward(logits, scale)
         return mean * scale, var * (scale * scale)
 
-    @classmethod
-    def backward(cls, ctx, grad_mean, grad_var):
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        kind = ctx.kind
         logits, *rest = ctx.saved_tensors
-        mean, var, aux = cls._stats(logits)
+        mean, var, aux = kind._stats(logits)
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
         grad_var = torch.zeros_like(var) if grad_var is None else grad_var
         if not rest:
-            return cls._grad_logits(logits, aux, grad_mean, grad_var), None
+            return kind._grad_logits(logits, aux, grad_mean, grad_var), None, None
         (scale,) = rest
         grad_scale = None
         if ctx.needs_input_grad[1]:
             grad_scale = (grad_mean * mean + 2.0 * scale * grad_var * var).sum_to_size(
                 scale.shape)
-        grad_logits = cls._grad_logits(logits, aux, grad_mean * scale,
-                                       grad_var * (scale * scale))
-        return grad_logits, grad_scale
+        grad_logits = kind._grad_logits(logits, aux, grad_mean * scale,
+                                        grad_var * (scale * scale))
+        return grad_logits, grad_scale, None
+
+    @classmethod
+    def moments(cls, logits, scale=None):
+        """(mu s, var s^2) as one autograd node."""
+        return ScaledMoments.apply(logits, scale, cls)
 
 
 class TernaryMoments(ScaledMoments):
@@ -65,16 +75,16 @@ class TernaryMoments(ScaledMoments):
     Backward by hand: dmu/da = -n p0 m, dmu/db = n r / 2,
     dvar/da = -n p0 ((p0 - n) m^2 + r), dvar/db = -n^2 r m."""
 
-    @classmethod
-    def _stats(cls, logits):
+    @staticmethod
+    def _stats(logits):
         p_zero = torch.sigmoid(logits[0])
         n = torch.sigmoid(-logits[0])
         m = torch.tanh(0.5 * logits[1])
         r = _sech2_half(logits[1])
         return n * m, n * (p_zero * m.square() + r), (p_zero, n, m, r)
 
-    @classmethod
-    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+    @staticmethod
+    def _grad_logits(logits, aux, grad_mean, grad_var):
         p_zero, n, m, r = aux
         grad_a = -(n * p_zero) * (grad_mean * m + grad_var * ((p_zero - n) * m.square() + r))
         grad_b = n * r * (0.5 * grad_mean - grad_var * n * m)
@@ -86,13 +96,13 @@ class BinaryMoments(ScaledMoments):
     e = exp(-|theta|) (no cancellation, > 0 for every theta; exp is vectorized on CPU where
     cosh is not), one fused backward: dmu/dtheta = var / 2, dvar/dtheta = -var * mu."""
 
-    @classmethod
-    def _stats(cls, logits):
+    @staticmethod
+    def _stats(logits):
         mean = torch.tanh(0.5 * logits)
         var = _sech2_half(logits)
         return mean, var, (mean, var)
 
-    @classmethod
-    def _grad_logits(cls, logits, aux, grad_mean, grad_var):
+    @staticmethod
+    def _grad_logits(logits, aux, grad_mean, grad_var):
         mean, var = aux
         return var * (0.5 * grad_mean - grad_var * mean)

@@ -52,10 +52,10 @@ class TernaryDistribution(WeightDistribution):
         return torch.stack([log_p[1] - torch.logaddexp(log_p[0], log_p[2]), log_p[2] - log_p[0]])
 
     def moments(self, logits):
-        return TernaryMoments.apply(logits, None)
+        return TernaryMoments.moments(logits)
 
     def scaled_moments(self, logits, scale=None):
-        return TernaryMoments.apply(logits, scale)
+        return TernaryMoments.moments(logits, scale)
 
     def regularizer(self, logits):
         return logits.square().sum()

@@ -39,6 +39,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._random import randn_as
+
 __all__ = ["LinearOp", "lr_moments", "lr_sample", "preactivation_snr", "DEFAULT_EPS"]
 
 LinearOp = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
@@ -116,8 +118,7 @@ def lr_sample(
     # zero the gradient at var = 0.
     std = torch.sqrt(var.to(compute_dtype) + eps)
     if noise is None:
-        noise = torch.randn(
-            mean.shape, generator=generator, dtype=compute_dtype, device=mean.device)
+        noise = randn_as(mean, compute_dtype, generator)
     elif noise.shape != mean.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != mean shape {tuple(mean.shape)}")
     return torch.addcmul(mean.to(compute_dtype), std, noise).to(mean.dtype)

@@ -12,8 +12,9 @@ on {-1, +1}:
 (Roth et al. 2019). Both tails are computed as erfc(-+z / sqrt 2) / 2 (``ndtr``
 below), so no quantity is formed by subtracting two numbers close to 1 (``1 - mean^2``
 cancels to 0 or to negative numbers in float32 for |z| > ~4; ``4 P (1 - P)`` with
-P = ndtr(z), 1 - P = ndtr(-z) does not). Log-odds use ``torch.special.log_ndtr``, which is
-finite for |z| up to ~1e4 in float32.
+P = ndtr(z), 1 - P = ndtr(-z) does not). The binary log-odds, moments and relaxed sample
+are fused autograd nodes (:mod:`.sign_fused`: erfc and a tail series instead of
+``torch.special.log_ndtr``, which the ternary log-probabilities still use).
 
 Standardized margins z are clamped to +-Z_MAX = 40: beyond it Phi(z), E[s] and Var[s] are
 already exactly 0 / 1 in float32 and float64 (Phi(-40) ~ 4e-350), and log Phi(-40) = -804.6
@@ -64,6 +65,9 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .._random import rand_as
+from .sign_fused import RelaxedSign, SignStatistics
+
 __all__ = [
     "DEFAULT_EPS",
     "Z_MAX",
@@ -74,6 +78,7 @@ __all__ = [
     "sign_probability",
     "sign_log_odds",
     "sign_moments",
+    "sign_log_odds_and_moments",
     "noise_sign_probability",
     "relaxed_sign_sample",
     "sample_sign",
@@ -172,11 +177,21 @@ def sign_probability(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
 def sign_log_odds(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
                   eps: float = DEFAULT_EPS) -> Tensor:
     """log P(+1) - log P(-1) = log Phi(z) - log Phi(-z), finite for any finite z."""
-    return _log_odds(sign_z(mean, var, threshold, eps))
+    return _sign_statistics(mean, var, threshold, eps, False)[0]
 
 
-def _log_odds(z: Tensor) -> Tensor:
-    return torch.special.log_ndtr(z) - torch.special.log_ndtr(-z)
+def sign_log_odds_and_moments(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
+                              eps: float = DEFAULT_EPS) -> Tuple[Tensor, Tensor, Tensor]:
+    """(log-odds, E[s], Var[s]) of s = sign(a - t), a ~ N(m, v), as one autograd node
+    (what training needs; the same values as sign_log_odds and sign_moments)."""
+    return _sign_statistics(mean, var, threshold, eps, True)
+
+
+def _sign_statistics(mean, var, threshold, eps, with_moments):
+    _check_nonneg("eps", eps)
+    if not isinstance(var, Tensor):
+        var = torch.as_tensor(var, dtype=mean.dtype, device=mean.device)
+    return SignStatistics.apply(mean - threshold, var, eps, with_moments, Z_MAX)
 
 
 def sign_moments(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
@@ -207,8 +222,8 @@ def _check_noise_std(sigma: ThresholdLike) -> None:
         raise ValueError(f"noise std sigma_a must be > 0, got {sigma}")
 
 
-def _uniform_open(shape, like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+def _uniform_open(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    u = rand_as(like, generator=generator)
     tiny = torch.finfo(like.dtype).tiny
     return u.clamp(tiny, 1.0 - torch.finfo(like.dtype).eps / 2)
 
@@ -226,12 +241,9 @@ def relaxed_sign_sample(log_odds: Tensor, tau: ThresholdLike = 1.0,
     """
     if validate:
         _check_tau(tau)
-    u = _uniform_open(log_odds.shape, log_odds, generator)
+    u = _uniform_open(log_odds, generator)
     logistic = torch.log(u) - torch.log1p(-u)
-    y = log_odds + logistic
-    soft = 2.0 * torch.sigmoid(y / tau) - 1.0
-    hard = binary_sign(y.detach())
-    return hard + (soft - soft.detach())
+    return RelaxedSign.apply(log_odds, logistic, tau)
 
 
 def sample_sign(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
@@ -247,8 +259,9 @@ def sample_noise_sign(x: Tensor, sigma: ThresholdLike, threshold: ThresholdLike 
                       generator: Optional[torch.Generator] = None) -> Tensor:
     """Noise mode: hard sample of sign(x + sigma_a e - t), e ~ N(0, 1), relaxed gradient."""
     _check_noise_std(sigma)
-    z = ((x - threshold) / sigma).clamp(-Z_MAX, Z_MAX)
-    return relaxed_sign_sample(_log_odds(z), tau, generator)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    log_odds = SignStatistics.apply(x - threshold, sigma * sigma, 0.0, False, Z_MAX)[0]
+    return relaxed_sign_sample(log_odds, tau, generator)
 
 
 # --- ternary -------------------------------------------------------------------------
@@ -326,7 +339,7 @@ def relaxed_ternary_sample(log_probs: Tensor, tau: ThresholdLike = 1.0,
     if validate:
         _check_tau(tau)
     logp = log_probs
-    u = _uniform_open(logp.shape, logp, generator)
+    u = _uniform_open(logp, generator)
     gumbel = -torch.log(-torch.log(u))
     y = logp + gumbel
     values = torch.tensor([-1.0, 0.0, 1.0], dtype=logp.dtype, device=logp.device)

@@ -32,8 +32,7 @@ def _batch_norm(func, args, kwargs):
         shape = [1, -1] + [1] * (x.dim() - 2)
         if training or rm is None or rv is None:
             dims = [d for d in range(x.dim()) if d != 1]
-            mu = x.mean(dim=dims)
-            var_b = x.var(dim=dims, unbiased=False)
+            var_b, mu = torch.var_mean(x, dim=dims, correction=0)   # one pass
         else:
             mu, var_b = rm, rv
         scale = torch.rsqrt(var_b + eps)

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
+from .._random import randn_as
+
 __all__ = ["MomentTensor", "split_moments", "has_moments", "register", "HANDLERS"]
 
 _Handler = Callable[[Callable, tuple, dict], Any]
@@ -110,8 +112,7 @@ class MomentTensor(Tensor):
                 if bool((var < 0).any()):
                     raise ValueError("var must be >= 0")
         if sample is None:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                                device=mean.device)
+            noise = randn_as(mean, generator=generator)
             sample = mean + _safe_std(var) * noise
         elif tuple(sample.shape) != tuple(mean.shape):
             raise ValueError(

@@ -41,6 +41,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..compile_regions import compiled
 from .._tensor import as_tensor
 from ..distributions import WeightDistribution
 from ..functional import lr_moments, lr_sample
@@ -58,6 +59,9 @@ class LRWeightMixin:
 
     Place before the Brevitas class: ``class LRQuantLinear(LRWeightMixin, QuantLinear)``.
     """
+
+    #: run the training math as a torch.compile region (see lr_quant.compile_regions)
+    lr_compile: bool = False
 
     def _init_lr(self, p_min: float, p_max: float, eps: float, output_moments: bool) -> None:
         if not self.weight_quant.is_quant_enabled:
@@ -136,6 +140,7 @@ class LRWeightMixin:
         if not self._lr_ready or self.weight.is_meta:
             return      # called by the torch constructor before _init_lr; or nothing to fill
         self._restore_init_state()
+        self._sync_frozen_flag()
         with torch.no_grad():
             weight = self.weight.detach()
             logits = self.lr_distribution.init_logits(weight, self.lr_p_min, self.lr_p_max)
@@ -146,8 +151,17 @@ class LRWeightMixin:
     # -- helpers -------------------------------------------------------------------------
     @property
     def is_lr_frozen(self) -> bool:
+        # a Python mirror of the `lr_frozen` buffer (the persisted state): reading the
+        # buffer would sync the device and break torch.compile graphs (Tensor.item())
+        return self.__dict__.get("_lr_frozen_flag", False)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        getattr(self, _FROZEN_KEY).fill_(frozen)
+        self._lr_frozen_flag = bool(frozen)
+
+    def _sync_frozen_flag(self) -> None:
         flag = getattr(self, _FROZEN_KEY)
-        return False if flag.is_meta else bool(flag)
+        self._lr_frozen_flag = False if flag.is_meta else bool(flag)
 
     @property
     def _lr_ready(self) -> bool:
@@ -268,11 +282,11 @@ class LRWeightMixin:
         else:
             raise ValueError(f"freeze how={how!r}: choose 'mode' or 'sample'")
         self.materialize_weight(discrete)
-        getattr(self, _FROZEN_KEY).fill_(True)
+        self._set_frozen(True)
 
     @torch.no_grad()
     def unfreeze(self) -> None:
-        getattr(self, _FROZEN_KEY).fill_(False)
+        self._set_frozen(False)
         self.materialize_weight()
 
     # -- nn.Module hooks -----------------------------------------------------------------
@@ -309,16 +323,26 @@ class LRWeightMixin:
 
     def lr_preactivation(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """z = m + sqrt(v + eps) * e for an input x (a MomentTensor adds its variance)."""
-        weight_mean, weight_var, scale = self._scaled_moments()
         x_mean, x_var = split_moments(x)  # x_var is None for a deterministic input
-        parent_op = super().inner_forward_impl  # the layer's own conv / linear operator
+        core = compiled(LRWeightMixin._lr_sample_core) if self.lr_compile else \
+            LRWeightMixin._lr_sample_core
+        sample, *moments = core(self, x_mean, x_var, bias)
+        if self.lr_output_moments:
+            return MomentTensor.from_moments(*moments, sample=sample, validate=False)
+        return sample
+
+    def _lr_sample_core(self, x_mean: Tensor, x_var: Optional[Tensor], bias: Optional[Tensor]
+                        ) -> Tuple[Tensor, ...]:
+        """(z, m, v) on plain tensors, or (z,) without ``lr_output_moments``: the region
+        ``lr_compile`` compiles (returning fewer tensors lets it keep fewer)."""
+        weight_mean, weight_var, scale = self._scaled_moments()
+        # the layer's own conv / linear operator (explicit class: also called unbound)
+        parent_op = super(LRWeightMixin, self).inner_forward_impl
         sq = self._weight_sq_per_output(scale) if x_var is not None else None
         mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, bias, x_var=x_var,
                                weight_sq_per_output=sq)
         sample = lr_sample(mean, var, self.lr_eps)
-        if self.lr_output_moments:
-            return MomentTensor.from_moments(mean, var, sample=sample, validate=False)
-        return sample
+        return (sample, mean, var) if self.lr_output_moments else (sample,)
 
     def _load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -343,6 +367,7 @@ class LRWeightMixin:
         if module.weight.is_meta:
             return
         module._restore_init_state(only_meta=True)
+        module._sync_frozen_flag()
         if not module.is_lr_frozen:
             module.materialize_weight()
 

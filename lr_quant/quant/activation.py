@@ -45,6 +45,7 @@ setters; :mod:`.sign_settings` sets them on every quantizer of a model and
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -58,12 +59,13 @@ from brevitas.inject import ExtendedInjector
 from brevitas.quant.binary import SignedBinaryActPerTensorConst
 from brevitas.quant.ternary import SignedTernaryActPerTensorConst
 
+from lr_quant.compile_regions import compiled
 from lr_quant.functional.sign import (
     DEFAULT_EPS,
     relaxed_sign_sample,
     relaxed_ternary_sample,
     sign_log_odds,
-    sign_moments,
+    sign_log_odds_and_moments,
     ternary_log_probabilities,
     ternary_moments_from_log_probabilities,
 )
@@ -120,6 +122,8 @@ class StochasticActQuant(_TolerateMissingKeys, nn.Module):
     """
     BIT_WIDTH = 1
     SCALE_INVARIANT = False
+    #: run ``_sample`` as a torch.compile region (see lr_quant.compile_regions)
+    lr_compile: bool = False
 
     def __init__(
             self,
@@ -168,7 +172,10 @@ class StochasticActQuant(_TolerateMissingKeys, nn.Module):
             var, eps = (sigma * sigma).expand_as(mean), 0.0
         else:
             eps = self.eps
-        y, moments = self._sample(mean, var, eps)
+        sample = self._sample
+        if self.lr_compile and self.generator is None:
+            sample = functools.partial(compiled(type(self)._sample), self)
+        y, moments = sample(mean, var, eps)
         if moments is not None:
             y = MomentTensor.from_moments(moments[0], moments[1], sample=y, validate=False)
         return y
@@ -208,8 +215,10 @@ class StochasticBinaryQuant(StochasticActQuant):
     SCALE_INVARIANT = True   # sign(x / scale) = sign(x) for scale > 0
 
     def _sample(self, mean, var, eps):
-        log_odds = sign_log_odds(mean, var, 0.0, eps)
-        moments = sign_moments(mean, var, 0.0, eps) if self.propagate_moments else None
+        if self.propagate_moments:
+            log_odds, *moments = sign_log_odds_and_moments(mean, var, 0.0, eps)
+        else:
+            log_odds, moments = sign_log_odds(mean, var, 0.0, eps), None
         # tau and the moments are valid by construction: skip the (device-syncing) checks
         return relaxed_sign_sample(log_odds, self.temperature, self.generator,
                                    validate=False), moments

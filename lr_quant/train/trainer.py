@@ -7,7 +7,8 @@
 Each step minimizes the loss of lr_quant.train.losses (CE, KD from the teacher, LR
 regularizers) with the optimizer and per-step schedules of lr_quant.train.optim; logits
 are clamped to +-logit_clamp after every step. On CPU, subnormal floats are flushed to
-zero while fitting (``flush_denormal``).
+zero while fitting (``flush_denormal``); ``compile`` runs every LR layer's and stochastic
+sign's training math as a torch.compile region while fitting (lr_quant.compile_regions).
 
 `finalize` builds the deployed network and reports its accuracies (metric names in
 lr_quant.train.selection): fp_* (the FP teacher) and converted_* (right after conversion)
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from ..compile_regions import set_compile
 from .._tensor import as_tensor
 from ..checkpoint import atomic_write_text, remove_stale_temp_files, save_checkpoint
 from ..data import Datasets
@@ -264,6 +266,8 @@ class Trainer(CheckpointingMixin, GuardsMixin):
                          f"{self.output_dir}: {', '.join(removed)}")
         flush = self.config.flush_denormal and self.info.device.type == "cpu" and \
             torch.set_flush_denormal(True)   # False where the CPU does not support it
+        if self.config.compile:
+            set_compile(self.model, True)
         try:
             with self._interrupt_hint():
                 while self.state.epoch < self.config.epochs:
@@ -280,6 +284,8 @@ class Trainer(CheckpointingMixin, GuardsMixin):
         finally:
             if flush:
                 torch.set_flush_denormal(False)
+            if self.config.compile:
+                set_compile(self.model, False)
             # Release the DDP wrapper (rebuilt by the next fit): its reducer holds the
             # process group, which must be destroyed while the interpreter is alive, not
             # at exit (gloo aborted a rank in teardown: "terminate called without an

@@ -8,23 +8,13 @@ own metrics.json."""
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 @pytest.fixture(scope="module")
-def lab():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from benchmarks import quality, quality_tasks
-    finally:
-        sys.path.remove(str(ROOT))
-    return quality, quality_tasks
+def lab(benchmark_modules):
+    return benchmark_modules("quality", "quality_tasks")
 
 
 # -- tasks ---------------------------------------------------------------------------------

@@ -274,8 +274,10 @@ def test_sigint_through_the_cli(tmp_path, fp_weights):
             "--model.checkpoint", str(fp_weights), "-c", "quickstart", "--train.epochs", "1",
             "--data.train_fraction", "0.3", "--train.batch_size", "16", "--no-progress",
             "--train.checkpoint_every", "1"]
+    # a shell without job control starts background jobs with SIGINT ignored, and the child
+    # would inherit that: give it the default disposition, as an interactive terminal does
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / LAST_CHECKPOINT).exists() and time.time() < deadline \
             and proc.poll() is None:

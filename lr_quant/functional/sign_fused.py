@@ -1,0 +1,126 @@
+"""The binary sign activation's hot path as two autograd nodes with hand-derived backward
+passes (fewer elementwise passes and saved tensors than the composed ops; no
+``torch.special.log_ndtr``, a scalar loop on CPU that cost ~10x an erfc).
+
+For the standardized margin z = clamp((m - t) / sqrt(v + eps)) (computed inside the node),
+with T = log Phi(-|z|) and B = log Phi(|z|):
+
+    log-odds  l = log Phi(z) - log Phi(-z) = sign(z) (B - T)
+    mean      E[s] = erf(z / sqrt 2)
+    variance  Var[s] = 4 Phi(z) Phi(-z) = 4 e^T (1 - e^T)        (no cancellation)
+    backward  dl/dz = phi(z) / (Phi(z) Phi(-z)) = exp(-z^2/2 - log(2 pi)/2 - T - B)
+              dE/dz = 2 phi(z),   dVar/dz = -4 phi(z) E[s]
+
+T comes from erfc below a cutoff and from the Mills-ratio series above it (Abramowitz &
+Stegun 26.2.12), so it stays finite and accurate for every |z| <= Z_MAX = 40.
+
+The relaxed sample (straight-through binary concrete, Maddison et al. 2017): with y = l + L,
+L ~ Logistic(0, 1), the forward is s = +1 if y >= 0 else -1 and the backward
+ds/dl = (2 / tau) sigmoid(y / tau) (1 - sigmoid(y / tau)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["SignStatistics", "RelaxedSign", "log_phi_tail"]
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# |z| beyond which log Phi(-|z|) comes from the series: erfc stays a normal number below it
+# (float32: Phi(-10) = 7.6e-24), and the series' first omitted term, 945 / |z|^10, is below
+# the dtype's resolution above it (float32: 1e-7 at 10; float64: 3e-13 at 36).
+_TAIL_CUTOFF = {torch.float64: 36.0}
+_DEFAULT_TAIL_CUTOFF = 10.0
+
+
+def log_phi_tail(a: Tensor) -> Tensor:
+    """log Phi(-a) for a >= 0 (vectorized ops only)."""
+    cutoff = _TAIL_CUTOFF.get(a.dtype, _DEFAULT_TAIL_CUTOFF)
+    near = torch.log(0.5 * torch.erfc(a.clamp(max=cutoff) * _SQRT1_2))
+    far_a = a.clamp(min=cutoff)
+    r = torch.reciprocal(far_a * far_a)
+    series = torch.log1p(r * (-1.0 + r * (3.0 + r * (-15.0 + 105.0 * r))))
+    far = series - 0.5 * far_a * far_a - torch.log(far_a) - _HALF_LOG_2PI
+    return torch.where(a <= cutoff, near, far)
+
+
+class SignStatistics(torch.autograd.Function):
+    """``SignStatistics.apply(c, v, eps, with_moments)`` -> (l,) or (l, E[s], Var[s]) for the
+    margin z = clamp(c / sqrt(v + eps), -z_max, z_max), c = m - t: the standardized margin
+    is part of the node. Computed in float32 (float64 stays float64), returned in c's dtype.
+
+    Saved for the backward: three tensors, its coefficients, instead of the composed ops'
+    six (c, 1/sqrt(v + eps), the pre-clamp z; |z|, T, B):
+        k_l = (dl/dz) r [|z| <= z_max],  k_m = phi(z) r [|z| <= z_max],  k_v = -z r / 2
+    with r = 1/sqrt(v + eps); then dc = g_l k_l + (2 g_mean - 4 g_var E[s]) k_m and
+    dv = dc k_v."""
+
+    @staticmethod
+    def forward(ctx, centered: Tensor, var, eps: float, with_moments: bool, z_max: float):
+        c = centered if centered.dtype == torch.float64 else centered.float()
+        r = torch.rsqrt(var.to(c.dtype) + eps)
+        z_raw = c * r
+        a = z_raw.abs().clamp(max=z_max)
+        inside = (z_raw.abs() <= z_max).to(c.dtype)
+        tail = log_phi_tail(a)
+        tail_p = torch.exp(tail)
+        body = torch.log1p(-tail_p)
+        odds = torch.where(z_raw < 0, tail - body, body - tail)
+        half_a2 = 0.5 * a * a
+        r_inside = r * inside
+        slope_odds = torch.exp(-half_a2 - _HALF_LOG_2PI - tail - body) * r_inside
+        # the variance's coefficient only where v has a gradient (noise mode: a constant)
+        slope_var = -0.5 * z_raw * r if ctx.needs_input_grad[1] else None
+        ctx.with_moments = with_moments
+        ctx.var_meta = (var.dtype, var.shape)
+        if not with_moments:
+            ctx.save_for_backward(slope_odds, slope_var)
+            return (odds.to(centered.dtype),)
+        mean = torch.erf(torch.copysign(a, z_raw) * _SQRT1_2)
+        out_var = 4.0 * tail_p * (1.0 - tail_p)
+        slope_moments = torch.exp(-half_a2 - _HALF_LOG_2PI) * r_inside
+        ctx.save_for_backward(slope_odds, slope_var, slope_moments, mean)
+        return odds.to(centered.dtype), mean.to(centered.dtype), out_var.to(centered.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_odds, *grad_moments):
+        slope_odds, slope_var, *rest = ctx.saved_tensors
+        grad = torch.zeros_like(slope_odds) if grad_odds is None else grad_odds * slope_odds
+        if ctx.with_moments:
+            slope_moments, mean = rest
+            grad_mean, grad_var = grad_moments
+            if grad_mean is not None or grad_var is not None:
+                weight = 0.0 if grad_mean is None else 2.0 * grad_mean
+                if grad_var is not None:
+                    weight = weight - 4.0 * grad_var * mean
+                grad = grad + weight * slope_moments
+        var_dtype, var_shape = ctx.var_meta
+        grad_v = None
+        if ctx.needs_input_grad[1]:
+            grad_v = (grad * slope_var).sum_to_size(var_shape).to(var_dtype)
+        return grad.to(grad_odds.dtype if grad_odds is not None else grad.dtype), grad_v, \
+            None, None, None
+
+
+class RelaxedSign(torch.autograd.Function):
+    """``RelaxedSign.apply(log_odds, logistic, tau)``: the hard +-1 sample of y = l + L, with
+    the binary-concrete gradient d/dl [2 sigmoid(y / tau) - 1] (none to L or tau)."""
+
+    @staticmethod
+    def forward(ctx, log_odds: Tensor, logistic: Tensor, tau):
+        y = log_odds + logistic
+        ctx.save_for_backward(y)
+        ctx.tau = tau
+        one = torch.ones((), dtype=y.dtype, device=y.device)
+        return torch.where(y >= 0, one, -one)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        tau = ctx.tau
+        soft = torch.sigmoid(y / tau)
+        return grad * (2.0 / tau) * soft * (1.0 - soft), None, None
