@@ -53,8 +53,9 @@ class SignStatistics(torch.autograd.Function):
     margin z = clamp(c / sqrt(v + eps), -z_max, z_max), c = m - t: the standardized margin
     is part of the node. Computed in float32 (float64 stays float64), returned in c's dtype.
 
-    Saved for the backward: three tensors, its coefficients, instead of the composed ops'
-    six (c, 1/sqrt(v + eps), the pre-clamp z; |z|, T, B):
+    Saved for the backward: three coefficient tensors (and the mean it returns), where a
+    margin computed outside the node plus a node on z kept six (c, 1/sqrt(v + eps), the
+    pre-clamp z; |z|, T, B):
         k_l = (dl/dz) r [|z| <= z_max],  k_m = phi(z) r [|z| <= z_max],  k_v = -z r / 2
     with r = 1/sqrt(v + eps); then dc = g_l k_l + (2 g_mean - 4 g_var E[s]) k_m and
     dv = dc k_v."""
@@ -64,8 +65,9 @@ class SignStatistics(torch.autograd.Function):
         c = centered if centered.dtype == torch.float64 else centered.float()
         r = torch.rsqrt(var.to(c.dtype) + eps)
         z_raw = c * r
-        a = z_raw.abs().clamp(max=z_max)
-        inside = (z_raw.abs() <= z_max).to(c.dtype)
+        magnitude = z_raw.abs()
+        a = magnitude.clamp(max=z_max)
+        inside = (magnitude <= z_max).to(c.dtype)
         tail = log_phi_tail(a)
         tail_p = torch.exp(tail)
         body = torch.log1p(-tail_p)
