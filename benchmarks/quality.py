@@ -250,7 +250,7 @@ def pretrain_main(spec: dict) -> int:
     """Pretrain (unless the weights exist) and evaluate one FP model; writes <fp>.json."""
     import torch
 
-    from lr_quant.data import build_datasets
+    from lr_quant.data import build_datasets, open_source
     from lr_quant.models import create_model
     from lr_quant.quickstart import pretrain_fp
     from lr_quant.train import evaluate
@@ -258,8 +258,12 @@ def pretrain_main(spec: dict) -> int:
     torch.set_num_threads(1)
     cache, path = Path(spec["cache"]), Path(spec["path"])
     # the validation split of the fine-tuning runs of this seed (carved with train.seed)
-    data = build_datasets(fp_data_config(spec["task"], cache, spec["sets"]),
-                          _val_fraction(spec["sets"]), spec["seed"])
+    config = fp_data_config(spec["task"], cache, spec["sets"])
+    source = open_source(config)
+    # prepared with the model's data config, as the fine-tuning runs are (lr-quant train)
+    resolver = create_model(spec["model"], source.num_classes, pretrained=False)
+    data = build_datasets(config, _val_fraction(spec["sets"]), spec["seed"], model=resolver,
+                          source=source)
     t0 = time.time()
     if not path.exists():
         pretrain_fp(spec["model"], data, spec["epochs"], path, spec["seed"], progress=False)
@@ -706,7 +710,9 @@ def main(argv=None) -> int:
     if args.pretrain_fp:
         return pretrain_main(json.loads(args.pretrain_fp))
     runs = grid(args)
-    settings = dict(fp_epochs=args.fp_epochs, set=sorted(args.set))
+    # runs made with the hand-written transforms before the data pipeline moved to timm's
+    # (model-resolved mean / std / interpolation / crop) are not comparable: refuse to mix them
+    settings = dict(fp_epochs=args.fp_epochs, set=sorted(args.set), data_pipeline="timm")
     if args.dry_run:
         states = {r: run_state(r, args.cache) for r in runs}
         for r in runs:

@@ -54,7 +54,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool = False) -> None
     for section in OVERRIDE_SECTIONS:
         group = p.add_argument_group(f"recipe {section}: section (overrides the -c file)")
         for path, tp, default in scalar_fields(hints[section], section):
-            kind = {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}[tp]
+            kind = {bool: "true|false", int: "INT", float: "FLOAT", str: "STR",
+                    list: "YAML-LIST", dict: "YAML-MAPPING"}[tp]
             text = FIELD_HELP.get(path, "")
             group.add_argument(f"--{path}", dest=f"recipe:{path}", default=None, metavar=kind,
                                help=f"{text} (built-in default: {default})".strip())
@@ -160,7 +161,7 @@ def _cmd_eval(args) -> int:
     model, recipe, meta = load_trained_model(args.checkpoint)
     data = build_datasets(recipe.data if args.data_root is None else
                           dataclasses.replace(recipe.data, root=args.data_root),
-                          recipe.train.val_fraction, recipe.train.seed)
+                          recipe.train.val_fraction, recipe.train.seed, model=model)
     result = evaluate(model, getattr(data, args.split), recipe.train.eval_batch_size)
     print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split,
                       "network": _network_label(model, meta), **result}, indent=2))

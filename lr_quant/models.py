@@ -81,7 +81,8 @@ def create_model(name: str, num_classes: int, pretrained: Union[bool, str, os.Pa
     if not path.is_file():
         raise ModelError(f"pretrained weight file {path} does not exist")
     file_classes = _file_num_classes(path, name)
-    overlay = dict(file=str(path))
+    # a recipe's own overlay (e.g. the statistics its weights were trained with) is kept
+    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(path)}
     if file_classes is not None:
         # keep the file's classifier when it fits; timm drops it when the cfg's differ
         overlay["num_classes"] = file_classes

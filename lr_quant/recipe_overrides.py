@@ -27,7 +27,19 @@ FIELD_HELP = {
     "train.batch_size": "global batch size (split over torchrun processes)",
     "train.logits_lr": "learning rate of the LR weight logits (no weight decay)",
     "train.params_lr": "learning rate of real-valued parameters (BN, scales, thresholds, FP layers)",
-    "train.schedule": "cosine | step | constant, per step after warmup",
+    "train.optimizer": "any timm optimizer (timm.optim.list_optimizers()), e.g. adam, adamw, "
+                       "sgd, lamb, lion",
+    "train.optimizer_kwargs": "more options of the timm optimizer, e.g. '{betas: [0.9, 0.95]}'",
+    "train.layer_decay": "timm layer-wise lr decay of the real-valued parameters (not the logits)",
+    "train.schedule": "timm lr schedule: cosine | tanh | step | multistep | plateau | poly | "
+                      "wsd | rsqrt | constant",
+    "train.warmup_epochs": "linear warmup from train.warmup_lr to the base learning rates",
+    "train.warmup_lr": "learning rate at the start of warmup (absolute, every group)",
+    "train.min_lr": "end of cosine / tanh / poly / wsd, floor of plateau (absolute)",
+    "train.decay_epochs": "step: decay every N epochs (required); wsd: length of the decay",
+    "train.decay_milestones": "multistep: epochs to decay at (required), e.g. '[30, 60]'",
+    "train.decay_rate": "step / multistep / plateau factor; poly: the power",
+    "train.schedule_kwargs": "more timm schedule options, e.g. '{noise: [0.5], patience_epochs: 2}'",
     "train.kd_weight": "0..1: (1-w) CE + w KD from the FP model",
     "train.beta_regularizer": "binary layers: weight of sum p(1-p)",
     "train.logit_decay": "ternary / categorical layers: weight of ||logits||^2",
@@ -39,9 +51,18 @@ FIELD_HELP = {
     "train.flush_denormal": "CPU: flush subnormal floats to zero while training (faster W1A1)",
     "train.compile": "torch.compile the LR / sign training math (fused passes; compiles first)",
     "train.checkpoint_every": "also checkpoint every N steps (0: each epoch)",
-    "data.dataset": "digits | imagefolder | cifar10 | cifar100",
-    "data.root": "data folder (imagefolder: root/train/<class>, root/val/<class>)",
-    "data.download": "cifar: download with torchvision (needs a network)",
+    "data.dataset": "digits | imagefolder | cifar10 | cifar100 | torch/<name> | hfds/<name or folder>",
+    "data.root": "data folder (imagefolder: root/train/<class>, root/val/<class>; hfds: cache)",
+    "data.download": "torch/*: download with torchvision (needs a network)",
+    "data.test_split": "the reported split (null: val, validation or test, the first present)",
+    "data.image_size": "input size (null: the model's pretrained_cfg)",
+    "data.interpolation": "resize interpolation (null: the model's pretrained_cfg)",
+    "data.crop_pct": "eval center-crop fraction (null: the model's pretrained_cfg)",
+    "data.auto_augment": "timm policy, e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0",
+    "data.re_prob": "random erasing probability",
+    "data.mixup": "mixup alpha (0: off); soft targets, the KD teacher sees the mixed batch",
+    "data.cutmix": "cutmix alpha (0: off)",
+    "train.label_smoothing": "cross-entropy label smoothing (with mixup: smoothed mixed targets)",
 }
 
 def parse_value(text: str) -> Any:
@@ -63,7 +84,8 @@ def parse_value(text: str) -> Any:
 
 
 def scalar_fields(cls, prefix: str):
-    """(dotted path, type, default) for every scalar field of a dataclass, recursively."""
+    """(dotted path, type, default) for every scalar field of a dataclass, recursively, and
+    for its list / mapping fields (type list / dict: a YAML value on the command line)."""
     hints = typing.get_type_hints(cls)
     default = cls()
     for f in dataclasses.fields(cls):
@@ -76,6 +98,8 @@ def scalar_fields(cls, prefix: str):
         base = args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
         if base in (int, float, str, bool):
             yield path, base, getattr(default, f.name)
+        elif typing.get_origin(base) in (list, dict):
+            yield path, typing.get_origin(base), getattr(default, f.name)
 
 
 def set_path(tree: Dict[str, Any], path: str, value: Any) -> None:

@@ -1,5 +1,6 @@
 """Shared pytest configuration: deterministic seeds and a quiet, single-threaded torch;
-`fp_weights`, a tiny "pretrained" FP checkpoint for runs through `lr-quant train`."""
+`fp_weights`, a tiny "pretrained" FP checkpoint for runs through `lr-quant train`;
+`write_split_folders`, image data sets made on the fly."""
 
 import os
 import warnings
@@ -30,3 +31,28 @@ def fp_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("fp") / "resnet10t_fp.safetensors"
     save_weights(timm.create_model("resnet10t", num_classes=10), path)
     return path
+
+
+def _write_split_folders(root, splits=("train", "test"), classes=("cat", "dog"), per_class=4,
+                         size=8):
+    """root/<split>/<class>/<i>.png, random pixels with a class signal (the class' channel at
+    255); returns {(split, class, i): pixels}."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for split in splits:
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                p = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                p[..., c % 3] = 255
+                Image.fromarray(p).save(root / split / name / f"{i}.png")
+                pixels[split, name, i] = p
+    return pixels
+
+
+@pytest.fixture
+def write_split_folders():
+    return _write_split_folders

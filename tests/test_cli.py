@@ -55,7 +55,8 @@ def test_overrides_apply_in_order():
 @pytest.mark.parametrize("argv, message", [
     (["--train.epochs", "-1"], "train.epochs: epochs must be >= 0"),
     (["--set", "train.epoch=3"], "unknown key 'epoch'"),
-    (["--train.optimizer", "adamx"], "optimizer='adamx' is not one of"),
+    (["--train.optimizer", "adamx"], "train.optimizer: optimizer='adamx' is not a timm optimizer"),
+    (["--train.schedule", "cosin"], "schedule='cosin' is not one of"),
     (["--train.batch_size", "many"], "expected an integer"),
     (["-c", "no_such_recipe.yaml"], "recipe file 'no_such_recipe.yaml' does not exist"),
     (["--data.dataset", "imagefolder", "--data.root", "{tmp}/missing"], "does not exist"),
@@ -84,6 +85,31 @@ def test_corrupt_checkpoint_and_foreign_checkpoint(tmp_path, capsys):
 TINY = ["-c", "quickstart", "--train.epochs", "2", "--data.train_fraction", "0.15",
         "--train.batch_size", "32", "--train.sampled_networks", "1",
         "--train.bn_reestimate_batches", "2", "--train.val_fraction", "0.05", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_train_with_a_timm_optimizer_and_schedule(tmp_path, fp_weights, capsys):
+    """--train.optimizer lamb --train.schedule tanh: one epoch trains with timm's Lamb (its
+    groups in the checkpoint) at tanh rates: the history's rates (of the epoch's last step
+    t = T - 1 of T) follow lr * (1 - tanh(-7 (1 - t / T) + 3 t / T)) / 2."""
+    import math
+
+    from lr_quant.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    rc, stdout, err = run(["train", "--output", out, "--model.checkpoint", fp_weights, *TINY,
+                           "--train.epochs", "1", "--train.sampled_networks", "0",
+                           "--train.optimizer", "lamb", "--train.schedule", "tanh"], capsys)
+    assert rc == 0, err
+    _, meta, state = load_checkpoint(out / "checkpoint.safetensors")
+    groups = state["optimizer"]["param_groups"]
+    assert all("trust_clip" in g for g in groups)   # Lamb's
+    (row,) = json.loads((out / "history.json").read_text())
+    steps, train = row["step"], meta["train"]
+    tr = (steps - 1) / steps
+    factor = 0.5 * (1 - math.tanh(-7 * (1 - tr) + 3 * tr))
+    assert row["logits_lr"] == pytest.approx(train["logits_lr"] * factor, rel=1e-9)
+    assert row["lr"] == pytest.approx(train["params_lr"] * factor, rel=1e-9)
 
 
 @pytest.mark.slow

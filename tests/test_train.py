@@ -15,7 +15,7 @@ from lr_quant.data import Datasets, digits_split
 from lr_quant.nn import LRQuantConv2d, LRQuantLinear, lr_layers
 from lr_quant.quant import lr_weight_quant
 from lr_quant.train import (LAST_CHECKPOINT, NonFiniteLossError, Trainer, distillation_loss,
-                            evaluate, schedule_factor, param_groups, reestimate_batchnorm,
+                            evaluate, param_groups, reestimate_batchnorm,
                             regularization)
 from lr_quant.train_config import ScheduleConfig, TrainConfig
 
@@ -70,14 +70,36 @@ def test_param_groups_separate_logits_without_decay():
     assert not any(p.requires_grad for _, m in lr_layers(model) for p in [m.weight])
 
 
-def test_lr_schedule_warmup_then_cosine_and_step():
-    cfg = TrainConfig(epochs=4, warmup_epochs=1, schedule="cosine")
-    f = schedule_factor(cfg, steps_per_epoch=10)
-    assert [round(f(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
-    assert f(10) == pytest.approx(1.0) and f(25) == pytest.approx(0.5) and f(40) == pytest.approx(0)
-    g = schedule_factor(TrainConfig(epochs=4, schedule="step"), 10)
-    assert [g(0), g(19), g(20), g(30), g(39)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
-    assert schedule_factor(TrainConfig(epochs=2, schedule="constant"), 5)(7) == 1.0
+def test_fit_steps_with_linear_warmup_then_cosine():
+    """The rates every optimizer step of a fit used (timm's cosine, stepped per update):
+    linear from warmup_lr over the warmup epoch, then base * (1 + cos(pi t / T)) / 2 at
+    step t of T; the history records the rates of each epoch's last step."""
+    data = digits_data(n_train=200)   # 180 training samples: 4 steps of 45 per epoch
+    cfg = TrainConfig(epochs=3, batch_size=45, warmup_epochs=1, warmup_lr=1e-4,
+                      logits_lr=0.02, params_lr=0.004, val_frozen=False)
+    trainer = Trainer(to_lr(mlp(16)), cfg, data, log=quiet, progress=False)
+    used, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append({g["name"]: g["lr"] for g in trainer.optimizer.param_groups})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    history = trainer.fit()
+
+    def expected(base, t, warmup=4, total=12):
+        if t < warmup:
+            return 1e-4 + t * (base - 1e-4) / warmup
+        return 0.5 * base * (1 + math.cos(math.pi * t / total))
+
+    assert len(used) == 12
+    for t, lrs in enumerate(used):
+        assert lrs["logits_lr"] == pytest.approx(expected(0.02, t), rel=1e-12), t
+        assert lrs["params_no_decay"] == pytest.approx(expected(0.004, t), rel=1e-12), t
+    assert [h["logits_lr"] for h in history] == pytest.approx(
+        [expected(0.02, t) for t in (3, 7, 11)], rel=1e-12)
+    assert [h["lr"] for h in history] == pytest.approx([expected(0.004, t) for t in (3, 7, 11)],
+                                                       rel=1e-12)
 
 
 def test_distillation_loss_is_hinton_kd():

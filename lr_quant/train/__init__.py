@@ -6,7 +6,7 @@
 
 Modules (one concept each):
     losses      CE + KD + LR regularizers
-    optim       optimizer groups, learning-rate and sign schedules
+    optim       optimizer groups, timm optimizers and learning-rate schedules, sign schedules
     evaluation  evaluate, BatchNorm re-estimation on fixed training batches
     selection   the deployed network after training (freeze, sampled networks) + accuracies
     trainer     the Trainer loop: steps, epochs, checkpoints, resume, DDP
@@ -17,7 +17,7 @@ Modules (one concept each):
 from ._util import seed_everything, unwrap
 from .evaluation import evaluate, fixed_batches, reestimate_batchnorm
 from .losses import distillation_loss, regularization
-from .optim import build_optimizer, schedule_factor, make_schedule, param_groups
+from .optim import build_optimizer, build_scheduler, make_schedule, param_groups
 from .pipeline import (TrainingResult, build_datasets_for, build_float_model,
                        estimate_checkpoint_bytes, format_metrics, load_trained_model,
                        resume_changes, run_training)
@@ -27,7 +27,7 @@ from .trainer import (FINAL_CHECKPOINT, LAST_CHECKPOINT, LossDivergedError, NonF
                       Trainer)
 
 __all__ = ["Trainer", "NonFiniteLossError", "LossDivergedError", "param_groups",
-           "build_optimizer", "schedule_factor", "make_schedule", "regularization", "distillation_loss",
+           "build_optimizer", "build_scheduler", "make_schedule", "regularization", "distillation_loss",
            "reestimate_batchnorm", "evaluate", "fixed_batches", "seed_everything", "unwrap",
            "LAST_CHECKPOINT", "FINAL_CHECKPOINT", "select_network", "deploy",
            "choose_sampled_network", "NO_LR_NETWORK", "plot_history", "write_history",

@@ -16,6 +16,7 @@ from ..checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, l
                           restore_rng_state, save_checkpoint)
 from ..nn.lr_layers import lr_layers
 from ._util import seed_everything
+from .optim import restore_scheduler, scheduler_state
 from .state import LAST_CHECKPOINT, PENDING_SUFFIX, TrainingState
 
 __all__ = ["CheckpointingMixin"]
@@ -43,7 +44,7 @@ class CheckpointingMixin:
         else:
             rng_per_rank = [rng]
         return {"optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                "scheduler": scheduler_state(self.scheduler),
                 "rng_per_rank": rng_per_rank}
 
     def _meta(self, **extra) -> Dict[str, Any]:
@@ -105,10 +106,9 @@ class CheckpointingMixin:
                       for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from e
-        self._apply_hyperparameters(configured)
+        self._apply_hyperparameters(configured, state.get("scheduler") or {}, meta)
         self.state = TrainingState(epoch=meta["epoch"], step_in_epoch=meta["step_in_epoch"],
                             global_step=meta["global_step"], history=meta["history"],
                             running=meta.get("running", [0.0, 0.0, 0.0]),
@@ -126,16 +126,17 @@ class CheckpointingMixin:
         self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, step "
                  f"{self.state.global_step}/{self.total_steps}")
 
-    def _apply_hyperparameters(self, configured: List[Dict[str, Any]]) -> None:
+    def _apply_hyperparameters(self, configured: List[Dict[str, Any]],
+                               scheduler_saved: Dict[str, Any], meta: Dict[str, Any]) -> None:
         """Replace the hyper-parameters a loaded optimizer state brought (its param groups:
         lr, weight_decay, momentum, ...) by this config's (`configured`: the groups of a
-        freshly built optimizer), the learning rates at the restored schedule position.
-        Unchanged config: the same values, so resume stays bit-exact."""
-        sched = self.scheduler
+        freshly built optimizer), with this config's schedule (built with the optimizer) at
+        the restored position (lr_quant.train.optim.restore_scheduler; `scheduler_saved`:
+        the checkpoint's scheduler state). Unchanged config: the same values, so resume
+        stays bit-exact."""
+        saved = [{"lr": g["lr"], "initial_lr": g.get("initial_lr", g["lr"])}
+                 for g in self.optimizer.param_groups]
         for group, new in zip(self.optimizer.param_groups, configured):
             group.update(new)
-        sched.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched._last_lr = lrs
+        restore_scheduler(self.scheduler, scheduler_saved, meta["global_step"], meta["epoch"],
+                          saved)

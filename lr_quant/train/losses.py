@@ -1,10 +1,13 @@
 """The training loss terms (the Trainer sums them per step, mean over the global batch):
 
-    (1 - kd_weight) * CE(student, y) + kd_weight * distillation_loss(student, teacher, T)
+    (1 - kd_weight) * classification_loss(student, y, label_smoothing)
+    + kd_weight * distillation_loss(student, teacher, T)
     + regularization(model, beta_regularizer, logit_decay)
 
 the student forward is the LR forward (local reparameterization sample) in train(); the
-teacher is the FP model before conversion (a deep copy, eval mode, no gradient).
+teacher is the FP model before conversion (a deep copy, eval mode, no gradient). With
+mixup / cutmix (data.mixup, data.cutmix) the student and the teacher see the same mixed
+batch and y is the mixed soft target.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from torch.nn import functional as F
 from ..nn.lr_layers import lr_layers
 from ._util import unwrap
 
-__all__ = ["distillation_loss", "regularization"]
+__all__ = ["classification_loss", "distillation_loss", "regularization"]
+
+
+def classification_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy, mean over the batch. `target`: class indices (smoothed: the one-hot
+    target becomes (1 - eps) one-hot + eps / classes, Szegedy et al. 2016) or per-class
+    probabilities (mixup / cutmix targets, already smoothed by timm's Mixup)."""
+    soft = target.ndim == logits.ndim
+    return F.cross_entropy(logits, target, label_smoothing=0.0 if soft else label_smoothing)
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:

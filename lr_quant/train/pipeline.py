@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import (CheckpointError, atomic_write_text, load_checkpoint,
                           load_checkpoint_meta, load_model_state)
 from ..data import Datasets
+from ..data.config import RESOLVED_FIELDS
 from ..distributed import DistInfo
 from ..nn.lr_layers import lr_layers
 from ._util import seed_everything
@@ -37,7 +39,9 @@ class TrainingResult:
         stands (not frozen) when `stop_after_steps` stopped it early.
     metrics: the accuracies of `Trainer.finalize` (also metrics.json); empty when stopped
         early.
-    recipe: the recipe that was run. data: its data sets (train / val / test).
+    recipe: the recipe that was run, its data: section resolved against the model
+        (lr_quant.data.resolve; what recipe.yaml records). data: its data sets (train / val /
+        test).
     """
     model: nn.Module
     metrics: Dict[str, Any]
@@ -66,18 +70,19 @@ def build_float_model(recipe, num_classes: int, pretrained=None) -> nn.Module:
     return create_model(m.name, num_classes, pretrained=pretrained, **kwargs)
 
 
-def _num_classes(recipe, data: Datasets) -> int:
+def _num_classes(recipe, found: int) -> int:
     n = recipe.model.num_classes
-    if n is not None and n != data.num_classes:
+    if n is not None and n != found:
         raise ValueError(f"model.num_classes={n} but the data set {recipe.data.dataset!r} has "
-                         f"{data.num_classes} classes")
-    return data.num_classes
+                         f"{found} classes")
+    return found
 
 
 # Resume: settings it applies (and records); every other recipe change is refused.
 # Fixed on resume: the model, quantizers, init and data content, and in train: the ones the
 # saved optimizer state, data order or split depend on.
-RESUME_FIXED_TRAIN = ("optimizer", "batch_size", "seed", "val_fraction", "extra")
+RESUME_FIXED_TRAIN = ("optimizer", "layer_decay", "batch_size", "seed", "val_fraction",
+                      "extra")
 RESUME_APPLIED = ("name", "description", "data.root", "data.num_workers", "data.download")
 BYTES_PER_PARAMETER = 32   # a checkpoint: weights, LR logits, optimizer moments (<= 8 floats)
 
@@ -108,7 +113,12 @@ def resume_changes(recipe, path) -> Dict[str, Tuple[Any, Any]]:
     if meta.get("frozen"):
         raise CheckpointError(f"{path} holds a frozen (final) network; resume from "
                               f"{LAST_CHECKPOINT}, or evaluate / export it instead")
-    old, new = _flat(_recorded_recipe(meta, path).to_dict()), _flat(recipe.to_dict())
+    recorded = _recorded_recipe(meta, path)
+    # null preparation fields mean "the model's": the recorded run resolved them
+    unresolved = {k: getattr(recorded.data, k) for k in RESOLVED_FIELDS
+                  if getattr(recipe.data, k) is None}
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **unresolved))
+    old, new = _flat(recorded.to_dict()), _flat(recipe.to_dict())
     changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)}
     fixed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items() if not _resume_applies(k)]
@@ -159,6 +169,7 @@ def run_training(recipe, output_dir, resume=None, log: Callable[[str], None] = p
 
 def _run_training(recipe, folder, changes, log, progress, stop_after_steps, info):
     from ..convert import convert_with_report
+    from ..data import batch_mixer, describe, open_source, timm_data_config
     from ..models import architecture_of
     from ..quant.threshold import calibrate_thresholds
     from ..sharpness import calibrate_sharpness
@@ -168,9 +179,14 @@ def _run_training(recipe, folder, changes, log, progress, stop_after_steps, info
         log("resume applies the changed settings " + "; ".join(
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     seed_everything(cfg.seed)
-    data = build_datasets_for(recipe)
-    num_classes = _num_classes(recipe, data)
+    source = open_source(recipe.data)
+    num_classes = _num_classes(recipe, source.num_classes)
     fp_model = build_float_model(recipe, num_classes)
+    # the model's data config (recipe fields override); recorded in recipe.yaml / checkpoints
+    data = build_datasets_for(recipe, model=fp_model, source=source)
+    recipe = dataclasses.replace(recipe, data=data.config)
+    if info.is_main:
+        log(describe(data.config, source.tensors))
     teacher = copy.deepcopy(fp_model).eval()
     model, report = convert_with_report(fp_model, recipe)
     if info.is_main:
@@ -194,9 +210,10 @@ def _run_training(recipe, folder, changes, log, progress, stop_after_steps, info
             f"{_converted_label(bool(lr_layers(model)))} {baseline['converted_test_accuracy']:.3f}")
     meta = {"model": recipe.model.name, "num_classes": num_classes,
             "architecture": architecture_of(teacher), "recipe": recipe.to_dict(),
-            "baseline": baseline}
+            "baseline": baseline, "data_config": timm_data_config(data.config)}
     trainer = Trainer(model, cfg, data, teacher=teacher, output_dir=out, meta=meta, info=info,
-                      log=log, progress=progress, num_workers=recipe.data.num_workers)
+                      log=log, progress=progress, num_workers=recipe.data.num_workers,
+                      mixer=batch_mixer(recipe.data, num_classes, cfg.label_smoothing))
     if resume is not None:   # Trainer.resume applies the config's learning rates etc.
         trainer.resume(resume)
         baseline = trainer.resumed_meta.get("baseline") or baseline
@@ -213,10 +230,12 @@ def _run_training(recipe, folder, changes, log, progress, stop_after_steps, info
     return TrainingResult(model=trainer.model, metrics=metrics, recipe=recipe, data=data)
 
 
-def build_datasets_for(recipe) -> Datasets:
-    """The recipe's data sets, with the validation split of its train: section."""
+def build_datasets_for(recipe, model: Optional[nn.Module] = None, source=None) -> Datasets:
+    """The recipe's data sets, prepared with its data config resolved against `model`
+    (lr_quant.data.build_datasets), with the validation split of its train: section."""
     from ..data import build_datasets
-    return build_datasets(recipe.data, recipe.train.val_fraction, recipe.train.seed)
+    return build_datasets(recipe.data, recipe.train.val_fraction, recipe.train.seed, model=model,
+                          source=source)
 
 
 def _converted_label(lr: bool) -> str:

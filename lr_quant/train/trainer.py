@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -61,8 +62,8 @@ from ._util import seed_everything
 from .checkpointing import CheckpointingMixin
 from .evaluation import evaluate, fixed_batches
 from .guards import GuardsMixin
-from .losses import distillation_loss, regularization
-from .optim import build_optimizer, schedule_factor, make_schedule
+from .losses import classification_loss, distillation_loss, regularization
+from .optim import build_optimizer, build_scheduler, current_lrs, make_schedule
 from .plots import write_history
 from .selection import deploy, select_network
 from .state import (FINAL_CHECKPOINT, LAST_CHECKPOINT, LOSS_WINDOW, LossDivergedError,
@@ -86,14 +87,17 @@ class Trainer(CheckpointingMixin, GuardsMixin):
         meta: JSON-able facts stored in every checkpoint (model name, recipe, ...).
         info: distributed context (lr_quant.distributed.init_distributed()).
         log: per-epoch line printer; progress: tqdm bars.
+        mixer: a batch mixer (x, y) -> (x, soft targets), e.g. lr_quant.data.batch_mixer's
+            timm Mixup; the teacher sees the mixed batch too.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, data: Datasets,
                  teacher: Optional[nn.Module] = None, output_dir=None,
                  meta: Optional[Dict[str, Any]] = None, info: DistInfo = DistInfo(),
                  log: Callable[[str], None] = print, progress: bool = True,
-                 num_workers: int = 0):
+                 num_workers: int = 0, mixer: Optional[Callable] = None):
         self.config = config
+        self.mixer = mixer
         self.data = data
         self.info = info
         self.log = log if info.is_main else (lambda *_: None)
@@ -109,6 +113,9 @@ class Trainer(CheckpointingMixin, GuardsMixin):
         if config.batch_size % info.world_size:
             raise ValueError(f"train.batch_size={config.batch_size} must be divisible by the "
                              f"number of processes ({info.world_size})")
+        if mixer is not None and (config.batch_size // info.world_size) % 2:
+            raise ValueError(f"mixup / cutmix pair the samples of a batch: train.batch_size per "
+                             f"process must be even, got {config.batch_size // info.world_size}")
         self.steps_per_epoch = len(data.train) // config.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"the training split has {len(data.train)} samples, fewer than "
@@ -127,8 +134,14 @@ class Trainer(CheckpointingMixin, GuardsMixin):
 
     def _build_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model, self.config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, schedule_factor(self.config, self.steps_per_epoch))
+        self.scheduler = build_scheduler(self.optimizer, self.config, self.steps_per_epoch)
+        self._step_lrs: Optional[Dict[str, float]] = None   # rates of the last step (history)
+
+    def _step_scheduler(self, steps_done: int) -> None:
+        """After an optimizer step: note the rates it used, set the next step's (timm's
+        per-update schedules; plateau steps per epoch, in _end_epoch)."""
+        self._step_lrs = current_lrs(self.optimizer)
+        self.scheduler.step_update(steps_done)
 
     def _wrap(self) -> nn.Module:
         if self.ddp is None:
@@ -159,12 +172,13 @@ class Trainer(CheckpointingMixin, GuardsMixin):
             layer.lr_sharpness = sharpness
 
     def _loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """(loss, logits) of a batch; `y`: class indices or soft targets (mixed batches)."""
         cfg = self.config
         amp = (torch.autocast(self.info.device.type, dtype=torch.bfloat16) if cfg.amp
                else nullcontext())
         with amp:
             out = as_tensor(self.ddp(x)).float()
-            loss = F.cross_entropy(out, y)
+            loss = classification_loss(out, y, cfg.label_smoothing)
             if cfg.kd_weight > 0 and self.teacher is not None:
                 with torch.no_grad():
                     target = as_tensor(self.teacher(x)).float()
@@ -188,6 +202,8 @@ class Trainer(CheckpointingMixin, GuardsMixin):
                    desc=f"epoch {s.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         for x, y in loader:
             x, y = x.to(self.info.device), y.to(self.info.device)
+            if self.mixer is not None:
+                x, y = self.mixer(x, y)   # soft targets; accuracy below: the dominant class
             self._set_schedules(s.global_step)
             loss, out = self._loss(x, y)
             self._check_loss(loss)
@@ -196,12 +212,12 @@ class Trainer(CheckpointingMixin, GuardsMixin):
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            self.scheduler.step()
+            self._step_scheduler(s.global_step + 1)
             if cfg.logit_clamp:
                 for _, layer in lr_layers(self.model):
                     layer.clamp_logits_(cfg.logit_clamp)
             s.running[0] += loss.item() * len(y)
-            s.running[1] += (out.argmax(1) == y).sum().item()
+            s.running[1] += (out.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum().item()
             s.running[2] += len(y)
             s.step_in_epoch += 1
             s.global_step += 1
@@ -220,14 +236,19 @@ class Trainer(CheckpointingMixin, GuardsMixin):
         s, cfg = self.state, self.config
         loss_sum, correct, count = all_reduce_sum(s.running, self.info.device)
         val = self._validate()
+        # per-epoch schedules (plateau: on the validation accuracy); the others step per update
+        metric = val["accuracy"] if math.isfinite(val["accuracy"]) else None
+        self.scheduler.step(s.epoch + 1, metric)
         row = {"epoch": s.epoch + 1, "step": s.global_step,
-               "lr_factor": self.scheduler.lr_lambdas[0](max(0, s.global_step - 1)),
+               # the rates of the epoch's last step (none in this process: the current)
+               **(self._step_lrs or current_lrs(self.optimizer)),
                "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                "seconds": time.time() - s.epoch_start_time}
         s.history.append(row)
         self.log(f"epoch {row['epoch']:3d}/{cfg.epochs}  step {row['step']:6d}  "
-                 f"lr x{row['lr_factor']:.3f}  train loss {row['train_loss']:.4f} "
+                 f"lr {row['lr']:.3g} logits {row['logits_lr']:.3g}  "
+                 f"train loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.3f}  val{' (frozen)' if cfg.val_frozen and self.has_lr_layers else ''} "
                  f"loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}  ({row['seconds']:.1f} s)")
         s.epoch += 1

@@ -1,6 +1,9 @@
 """`run_training` returns the trained model (TrainingResult): the deployed network that
 final.safetensors holds, with the metrics, recipe and data of the run."""
 
+import dataclasses
+
+import timm
 import torch
 
 from lr_quant import is_frozen
@@ -25,7 +28,12 @@ def quiet(*_):
 def test_run_training_returns_the_deployed_model(tmp_path, fp_weights):
     recipe = tiny_recipe(fp_weights)
     result = run_training(recipe, tmp_path / "run", log=quiet, progress=False)
-    assert isinstance(result, TrainingResult) and result.recipe is recipe
+    assert isinstance(result, TrainingResult)
+    # the recipe that ran: its data: section resolved against the model's pretrained_cfg
+    assert dataclasses.replace(result.recipe, data=recipe.data) == recipe
+    cfg = timm.create_model("resnet10t").pretrained_cfg
+    assert result.recipe.data.mean == list(cfg["mean"]) and result.recipe.data.image_size == 16
+    assert result.recipe.data.crop_pct == cfg["crop_pct"]
     assert is_frozen(result.model) and not result.model.training
     accuracy = evaluate(result.model, result.data.test)["accuracy"]
     assert accuracy == result.metrics["final_test_accuracy"]
