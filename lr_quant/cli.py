@@ -208,6 +208,14 @@ def _cmd_export(args) -> int:
     result = export_qonnx(model, example, output, require_frozen=True, num_checks=4)
     print(f"exported {result.path}; verified by qonnx on {result.num_checks} inputs: max abs "
           f"error {result.max_abs_error:.2e}")
+    if args.finn:
+        from .finn import finn_hardware_check
+
+        work = output.with_name(output.stem + "_finn")
+        verdict = finn_hardware_check(model, example, work, onnx_path=output)
+        print(verdict.line)
+        print(f"FINN's models, result.json and estimate reports: {work}")
+        return 0 if verdict.mapped else 1
     return 0
 
 
@@ -215,18 +223,31 @@ def _cmd_summary(args) -> int:
     from .train import build_float_model, load_trained_model
 
     if args.checkpoint:
-        model, recipe, _ = load_trained_model(args.checkpoint)
+        model, recipe, meta = load_trained_model(args.checkpoint)
     else:
         from .convert import convert
         recipe = resolve_recipe(args)
-        model = convert(build_float_model(recipe, recipe.model.num_classes or 10, False), recipe)
-    print(model_summary_table(model, _example_input(model, recipe, 1)))
+        model, meta = convert(build_float_model(recipe, recipe.model.num_classes or 10, False),
+                              recipe), {}
+    example = _example_input(model, recipe, 1)
+    verdict = None
+    if args.finn:
+        import tempfile
+
+        from .finn import finn_hardware_check
+
+        if not meta.get("frozen"):
+            raise ValueError("--finn checks the deployed network: give final.safetensors "
+                             "(written when training ends)")
+        with tempfile.TemporaryDirectory(prefix="lr_quant_finn_") as work:
+            verdict = finn_hardware_check(model, example, work)
+    print(model_summary_table(model, example, verdict))
     return 0
 
 
-def model_summary_table(model, example) -> str:
+def model_summary_table(model, example, finn=None) -> str:
     from .summary import model_summary
-    return model_summary(model, example).table()
+    return model_summary(model, example, finn).table()
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -321,12 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help=".onnx path (default: beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="static batch size of the exported graph (default: %(default)s)")
+    p.add_argument("--finn", action="store_true",
+                   help="also run finn-plus' build steps up to the estimate reports (in the "
+                        "FINN environment, built on first use): one dataflow partition, "
+                        "outputs equal; exit 1 when FINN cannot map the network")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("summary", help="per-layer precision / memory / MACs table",
                        description="larq-style table of a checkpoint, or of a recipe's "
                                    "converted model (-c): bits, params, memory, MACs, FINN.")
     p.add_argument("checkpoint", nargs="?", default=None)
+    p.add_argument("--finn", action="store_true",
+                   help="the FINN column from finn-plus' build steps on the export of a final "
+                        "checkpoint (minutes) instead of the conservative rules")
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_summary)
     return parser

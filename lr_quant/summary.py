@@ -14,11 +14,15 @@ Columns, for every leaf module with parameters or a weight quantizer:
     memory      weights at their precision, every other parameter at 32 bits
     MACs        multiply-accumulates per input sample (conv: out elements x in/groups x
                 kernel; linear: out elements x in features)
-    FINN        whether FINN can map the layer (conservative rules; the real check is
-                ``lr_quant.finn.check_with_finn(..., dataflow=True)``): a conv / linear
-                with quantized weights and quantized inputs yes, float weights or float
-                inputs no; a BatchNorm yes only when a quantizer reads its output (FINN
-                folds it into that quantizer's thresholds), else no (float Mul/Add)
+    FINN        whether FINN can map the layer. With a FINN verdict (``finn=``, from
+                ``lr_quant.finn.finn_hardware_check``: finn-plus' build steps on the export;
+                ``lr-quant summary --finn``) that says the whole network is in one dataflow
+                partition with equal outputs: "yes (FINN build)" for every row, and the
+                verdict line under the table. Otherwise conservative rules (never "yes" for
+                what FINN leaves in float): a conv / linear with quantized weights and
+                quantized inputs yes, float weights or float inputs no; a BatchNorm yes only
+                when a quantizer reads its output (FINN folds it into that quantizer's
+                thresholds), else no (float Mul/Add)
 Totals: parameters, memory, the FP32 size of the same parameters and the compression
 ratio, MACs, and the share of MACs with 1-bit weights (binary MACs) and with 1-bit weights
 and 1-bit inputs (XNOR-popcount MACs).
@@ -58,6 +62,7 @@ class LayerRow:
 @dataclass
 class Summary:
     rows: List[LayerRow] = field(default_factory=list)
+    finn_line: Optional[str] = None   # FINN's verdict, when the build steps were run
 
     @property
     def totals(self) -> Dict[str, float]:
@@ -89,7 +94,9 @@ class Summary:
                  f"FP32 {_bytes(t['fp32_bytes'])}   compression x{t['compression']:.1f}",
                  f"MACs per sample {t['macs']:,}   binary-weight MACs "
                  f"{100 * t['binary_mac_share']:.1f}%   XNOR (W1A1) MACs "
-                 f"{100 * t['xnor_mac_share']:.1f}%"]
+                 f"{100 * t['xnor_mac_share']:.1f}%",
+                 self.finn_line or "FINN column: conservative rules (`lr-quant summary "
+                                   "--finn` runs finn-plus' build steps)"]
         return "\n".join(lines)
 
 
@@ -194,8 +201,9 @@ def _is_row(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def model_summary(model: nn.Module, example_input: Tensor) -> Summary:
-    """Run one eval() forward on `example_input` (batch of any size) and tabulate."""
+def model_summary(model: nn.Module, example_input: Tensor, finn=None) -> Summary:
+    """Run one eval() forward on `example_input` (batch of any size) and tabulate.
+    `finn`: a lr_quant.finn.FinnVerdict of this model (the FINN column, see above)."""
     records: Dict[str, dict] = {}
     hooks = []
     rows_modules = []
@@ -235,13 +243,15 @@ def model_summary(model: nn.Module, example_input: Tensor) -> Summary:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    summary = Summary()
+    summary = Summary(finn_line=finn.line if finn is not None else None)
+    mapped = finn is not None and finn.mapped
     for name, module in rows_modules:
         rec = records.get(name, {"input_bits": None, "macs": 0})
         bits = _weight_bits(module)
         params, memory = _params_and_memory(module, bits)
         summary.rows.append(LayerRow(name, type(module).__name__, bits, rec["input_bits"],
                                      params, memory, rec["macs"],
+                                     "yes (FINN build)" if mapped else
                                      _finn(module, bits, rec["input_bits"],
                                            name in thresholded)))
     return summary

@@ -21,19 +21,25 @@ mapping, ``hardware_steps.py``) in it::
   The first build downloads about 150 MB of wheels (about 600 MB installed).
 - :func:`check_with_finn` (:mod:`.check`) runs the check and returns its JSON result (see
   ``frontend_check.py`` and ``hardware_steps.py`` for the steps and the fields).
+- :func:`finn_hardware_check` (:mod:`.model_check`) exports a PyTorch model and returns
+  FINN's verdict on it (``lr-quant export --finn``, ``lr-quant summary --finn``).
 """
 
 from __future__ import annotations
 
 from .check import FRONTEND_CHECK, FinnCheckError, check_with_finn
 from .env import REQUIREMENTS, FinnEnvError, ensure_finn_env, finn_env_dir
+from .model_check import FinnVerdict, finn_hardware_check, verdict_of
 
 __all__ = [
     "FRONTEND_CHECK",
     "REQUIREMENTS",
     "FinnCheckError",
     "FinnEnvError",
+    "FinnVerdict",
     "check_with_finn",
     "ensure_finn_env",
     "finn_env_dir",
+    "finn_hardware_check",
+    "verdict_of",
 ]

@@ -18,7 +18,13 @@ What is checked (``run_hardware_steps``): the model after ``step_streamline`` an
 ``step_create_dataflow_partition`` is executed by ``execute_onnx`` (python mode; later
 steps need cppsim / rtlsim) and compared with the expected outputs; the parent graph
 holds exactly one ``StreamingDataflowPartition`` and nothing else but layout ops
-(Transpose / Reshape / Flatten / TopK); the estimate report (LUT / BRAM / DSP per layer) exists.
+(Transpose / Reshape / Flatten / TopK); the partition computes on integers (``float_nodes``,
+FINN's own test for its "nodes use floating point operations" warning: a hardware layer with
+a FLOAT32 input or output), except the input quantizer (the layer that reads the graph
+input) and the output scale (the Elementwise Mul / Add chain that writes the graph output):
+finn-plus maps float Mul / Add / Max into FLOAT32 ``Elementwise*_hls`` layers, so a float
+datapath would otherwise pass as "one partition, outputs equal"; the estimate report (LUT /
+BRAM / DSP per layer) exists.
 """
 
 from __future__ import annotations
@@ -95,6 +101,39 @@ def _in_layout(model, inputs: np.ndarray) -> np.ndarray:
     return inputs
 
 
+def float_nodes(model) -> dict:
+    """{"float": hardware layers with a FLOAT32 input or output (FINN's test), "allowed":
+    those of them that are the input quantizer or the output scale chain (see module doc)}."""
+    from qonnx.core.datatype import DataType
+
+    from finn.util.basic import getHWCustomOp
+
+    def is_float(node) -> bool:
+        if not node.domain.startswith("finn.custom_op.fpgadataflow"):
+            return False
+        op = getHWCustomOp(node)
+        for getter, count in ((op.get_input_datatype, len(node.input)),
+                              (op.get_output_datatype, len(node.output))):
+            for i in range(count):
+                try:
+                    if getter(i) == DataType["FLOAT32"]:
+                        return True
+                except Exception:   # inputs without a datatype (FINN skips them too)
+                    break
+        return False
+
+    floats = [n.name for n in model.graph.node if is_float(n)]
+    inputs = {i.name for i in model.graph.input}
+    allowed = {n.name for n in model.graph.node if set(n.input) & inputs}
+    for out in model.graph.output:   # the output scale: Elementwise ops back from the output
+        node = model.find_producer(out.name)
+        while node is not None and node.op_type.startswith("Elementwise"):
+            allowed.add(node.name)
+            node = next((model.find_producer(i) for i in node.input
+                         if model.find_producer(i) is not None), None)
+    return {"float": floats, "allowed": sorted(set(floats) & allowed)}
+
+
 def run_hardware_steps(onnx_path: Path, inputs: np.ndarray, expected: np.ndarray,
                        out_dir: Path, atol: float, run: Callable, op_types: Callable,
                        fpga_part: str = "xc7z020clg400-1") -> dict:
@@ -137,6 +176,13 @@ def run_hardware_steps(onnx_path: Path, inputs: np.ndarray, expected: np.ndarray
     report["partitions"] = parent_ops.pop("StreamingDataflowPartition", 0)
     report["outside"] = dict(parent_ops)
     report["partition_op_types"] = op_types(model)
+    floats = float_nodes(model)
+    report["float_nodes"] = floats
+    inner = [n for n in floats["float"] if n not in floats["allowed"]]
+    if inner:
+        report["problems"].append(
+            f"float datapath inside the partition (FLOAT32 layers, not the input quantizer or "
+            f"the output scale): {', '.join(inner)}; quantize the tensors they compute on")
     if report["partitions"] != 1:
         report["problems"].append(f"{report['partitions']} dataflow partitions, expected 1")
     compute = {k: v for k, v in parent_ops.items() if k not in LAYOUT_OPS}

@@ -8,6 +8,7 @@ network must sit in one StreamingDataflowPartition, and FINN must estimate every
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ import torch
 
 import lr_quant
 from lr_quant.cli import main
-from lr_quant.finn import check_with_finn, ensure_finn_env
+from lr_quant.finn import verdict_of
 from lr_quant.recipe import Recipe
+from lr_quant.summary import model_summary
 from lr_quant.train import load_trained_model
 
 RECIPES = sorted((Path(lr_quant.__file__).resolve().parents[1] / "recipes").glob("finn_*.yaml"))
@@ -32,7 +34,7 @@ def test_there_is_a_finn_recipe_for_each_tiny_model():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_finn_recipe_trains_exports_and_maps_into_one_dataflow_partition(path, tmp_path):
+def test_finn_recipe_trains_exports_and_maps_into_one_dataflow_partition(path, tmp_path, capsys):
     recipe = Recipe.from_yaml(path)
     run = tmp_path / "run"
     argv = ["train", "-c", str(path), "--output", str(run), "--data.dataset", "digits",
@@ -41,17 +43,22 @@ def test_finn_recipe_trains_exports_and_maps_into_one_dataflow_partition(path, t
             "--train.bn_reestimate_batches", "2", "--no-progress",
             "--set", f"model.kwargs={TINY_MODELS[recipe.model.name]}"]
     assert main(argv) == 0
+    # the user's command: export, verify with qonnx, then finn-plus' build steps
     onnx_path = tmp_path / "model.onnx"
-    assert main(["export", str(run / "final.safetensors"), "--output", str(onnx_path)]) == 0
+    rc = main(["export", str(run / "final.safetensors"), "--output", str(onnx_path), "--finn"])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    assert "FINN (finn-plus build steps): one dataflow partition, outputs equal" in stdout
+    work = tmp_path / "model_finn" / "finn"
+    result = json.loads((work / "result.json").read_text())
+    expected = np.load(work / "io.npz")["expected"]
 
+    # the oracle: the frozen PyTorch network reloaded from final.safetensors
     model, _, _ = load_trained_model(run / "final.safetensors")
-    torch.manual_seed(0)
-    x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
-        expected = model.eval()(x).numpy()
+        again = model.eval()(torch.from_numpy(np.load(work / "io.npz")["inputs"])).numpy()
+    np.testing.assert_allclose(again, expected, rtol=0, atol=1e-6)
     assert len({tuple(r) for r in np.round(expected, 4)}) > 1  # not a constant network
-    result = check_with_finn(onnx_path, x.numpy(), expected, atol=1e-3, dataflow=True,
-                             python=ensure_finn_env(), work_dir=tmp_path / "finn")
     flow = result["dataflow"]
     assert result["ok"], result["problems"]
     assert flow["partitions"] == 1
@@ -62,3 +69,11 @@ def test_finn_recipe_trains_exports_and_maps_into_one_dataflow_partition(path, t
     ops = flow["partition_op_types"]
     assert sum(v for k, v in ops.items() if k.startswith("MVAU")) == len(layers)
     assert all(v["LUT"] > 0 for k, v in flow["estimates"].items() if k.startswith("MVAU"))
+
+    # the summary's FINN column from this verdict: every layer mapped, FINN's line below
+    summary = model_summary(model, torch.zeros(1, 3, 32, 32), finn=verdict_of(result))
+    assert {r.finn for r in summary.rows} == {"yes (FINN build)"}
+    footer = summary.table().splitlines()[-1]
+    assert footer.startswith("FINN (finn-plus build steps): one dataflow partition")
+    lut = sum(v["LUT"] for k, v in flow["estimates"].items() if k != "total")
+    assert f"LUT {lut:,.0f}" in footer and all(f"{n} {k}" in footer for k, n in ops.items())
