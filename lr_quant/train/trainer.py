@@ -246,8 +246,9 @@ class Trainer(CheckpointingMixin, GuardsMixin):
                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                "seconds": time.time() - s.epoch_start_time}
         s.history.append(row)
-        self.log(f"epoch {row['epoch']:3d}/{cfg.epochs}  step {row['step']:6d}  "
-                 f"lr {row['lr']:.3g} logits {row['logits_lr']:.3g}  "
+        rates = f"lr {row['lr']:.3g}" + (f" logits {row['logits_lr']:.3g}"
+                                         if math.isfinite(row["logits_lr"]) else "")
+        self.log(f"epoch {row['epoch']:3d}/{cfg.epochs}  step {row['step']:6d}  {rates}  "
                  f"train loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.3f}  val{' (frozen)' if cfg.val_frozen and self.has_lr_layers else ''} "
                  f"loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}  ({row['seconds']:.1f} s)")
