@@ -295,6 +295,10 @@ class Recipe:
     init: InitConfig = field(default_factory=InitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # FINN form (lr_quant.convert.finn_form): quantizers on the tensors they quantize (the
+    # activation modules and the operands of residual adds), so that FINN maps the export
+    # into one dataflow partition; a model where that is impossible is refused by name
+    finn: bool = False
 
     def __post_init__(self):
         if self.version not in SUPPORTED_VERSIONS:

@@ -7,8 +7,10 @@ Columns, for every leaf module with parameters or a weight quantizer:
     layer       module name and type
     W bits      weight precision: LR layers their distribution's bit width (binary 1,
                 ternary 2), Brevitas layers their quantizer's bit width, float layers 32
-    A bits      input precision seen in the forward: 1 when every input value is +-1,
-                the bit width of a QuantTensor input, else 32 (float)
+    A bits      input precision seen in the forward: the layer's own input quantizer, the
+                bit width of a QuantTensor input, else the integer grid the values lie on
+                (1 for +-1; {-1, 0, 1} and {0, 1, 2}: 2; a sum of two ternary tensors: 3),
+                else 32 (float)
     params      deployed parameters: weight + bias + BN affine / statistics + learned
                 scales (an LR layer's logits are training state, not counted)
     memory      weights at their precision, every other parameter at 32 bits
@@ -139,9 +141,24 @@ def _input_bits(module: nn.Module, x) -> int:
         return int(round(float(bit_width)))
     x = as_tensor(x)
     if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
-        if bool(((x == 1) | (x == -1)).all()):
-            return 1
+        return _grid_bits(x)
     return 32
+
+
+def _grid_bits(x: Tensor) -> int:
+    """Bits of the integer grid `x` lies on (the quantized tensors of a FINN-form model are
+    read directly, with no input quantizer): 1 for +-1, unsigned width for values >= 0,
+    two's-complement width otherwise; 32 for non-integers or more than 16 bits."""
+    if not bool((x == torch.round(x)).all()):
+        return 32
+    if bool(((x == 1) | (x == -1)).all()):
+        return 1
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= 0:
+        bits = max(1, math.ceil(math.log2(hi + 1)))
+    else:
+        bits = math.ceil(math.log2(max(-lo, hi + 1))) + 1
+    return bits if bits <= 16 else 32
 
 
 def _macs(module: nn.Module, out: Tensor) -> int:
@@ -193,8 +210,11 @@ def _reads_through_quantizer(module: nn.Module) -> bool:
 
 
 def _is_row(module: nn.Module) -> bool:
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)):
-        return True
+    from brevitas.nn.quant_layer import QuantNonLinearActLayer
+
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
+                           QuantNonLinearActLayer)):
+        return True   # an activation quantizer is one row (its thresholds inside)
     if any(True for _ in module.children()):
         return False
     return any(True for _ in module.parameters(recurse=False))

@@ -106,8 +106,9 @@ def _tiny_model(recipe):
     if recipe.model.name == "finn_cnv":
         return timm.create_model("finn_cnv", num_classes=4, channels=(4, 8, 8),
                                  fc_features=8), 32
+    kwargs = recipe.model.kwargs if recipe.finn else {}   # e.g. avg_down: false
     return timm.create_model("test_efficientnet" if "mobilenet" in recipe.name
-                             else "test_resnet", num_classes=4), 16
+                             else "test_resnet", num_classes=4, **kwargs), 16
 
 
 def _converted(recipe):

@@ -15,7 +15,7 @@ from lr_quant.recipe import Recipe, load_recipe, recipe_dirs
 RECIPES_DIR = Path(lr_quant.__file__).resolve().parent.parent / "recipes"
 FILES = sorted(RECIPES_DIR.glob("*.yaml"))
 REQUIRED = {"quickstart", "resnet_w1", "resnet_w2", "resnet_w1a1", "resnet_w1a2",
-            "mobilenet_w1", "finn_cnv_w1a1"}
+            "mobilenet_w1", "finn_cnv_w1a1", "finn_resnet_w1a2"}
 
 
 def test_recipes_dir_is_found_and_complete():
@@ -48,8 +48,10 @@ def test_recipe_file_converts_a_tiny_timm_model(path):
     if recipe.model.name == "finn_cnv":  # a recipe for one model (its overrides name layers)
         model = timm.create_model("finn_cnv", num_classes=10, channels=(4, 8, 8), fc_features=8)
     else:
+        # a FINN recipe's model kwargs shape the topology it maps (e.g. avg_down: false)
+        kwargs = recipe.model.kwargs if recipe.finn else {}
         model = timm.create_model("test_efficientnet" if "mobilenet" in path.stem
-                                  else "test_resnet", num_classes=10)
+                                  else "test_resnet", num_classes=10, **kwargs)
     model, report = convert_with_report(model, recipe)
     assert report.converted
     x = torch.randn(2, 3, 32, 32)

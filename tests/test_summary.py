@@ -40,7 +40,7 @@ def test_counts_match_hand_counts():
     assert (conv2.weight_bits, conv2.input_bits, conv2.finn) == (1, 1, "yes")
     assert (fc.macs, fc.params, fc.memory_bits, fc.weight_bits) == (360, 370, 370 * 32, 32)
     assert fc.finn.startswith("no")
-    sign = [r for r in s.rows if r.kind == "ThresholdShift"]
+    sign = [r for r in s.rows if r.kind == "StochasticSign"]   # one row, its threshold inside
     assert len(sign) == 1 and sign[0].params == 8
     t = s.totals
     assert t["params"] == 224 + 32 + 8 + 148 + 370

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..nn.lr_layers import LRWeightMixin
 from ..quant.threshold import attach_threshold
 from ..recipe import Recipe, load_recipe
+from .finn_form import FinnFormError, plan_finn_form
 from .handlers import DROPPABLE_ACTIVATIONS
 from .plan import _Plan, _plan
 from .report import ConversionReport
@@ -71,6 +72,8 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
         p.override is not None and p.override.activation is not None
         for p in plans if p.target is not None))
     fold = recipe.weights.bias_before_norm == "fold"
+    if recipe.finn and example_input is None:
+        example_input = _default_input(model, recipe)
 
     # 1. trace; a layer whose weight is read outside its forward stays float
     trace = _trace_model(model, recipe, plans, example_input, wants_acts or fold, report)
@@ -86,7 +89,17 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
     # 2. activation quantizer of every converted layer
     if fold:
         _fold_biases(model, converted, trace, report)
-    if wants_acts:
+    form = _plan_finn_form(model, recipe, plans, converted, example_input) if recipe.finn \
+        else None
+    if form is not None:
+        for p in converted:
+            spec = acts.input_quantizer if p.name in form.input_readers else None
+            if spec is not None:
+                p.act = spec.resolve()
+                p.row.input_quant, p.row.input_bits = str(spec), p.act.precision
+            else:   # reads a quantized tensor (the quantizer sits at its producer)
+                p.row.input_quant, p.row.input_bits = str(acts.quantizer), form.act.precision
+    elif wants_acts:
         for p in converted:
             ov = p.override
             if ov is not None and ov.float_input:
@@ -102,8 +115,9 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
                 p.row.input_quant, p.row.input_bits = str(spec), p.act.precision
 
     sign_layers = {p.name for p in converted if p.act is not None and p.act.is_sign}
-    moments = acts.moments and bool(sign_layers)
-    moves = _signs_before_pools(converted, trace) if acts.sign_before_pool and trace else {}
+    moments = acts.moments and (bool(sign_layers) or form is not None)
+    moves = _signs_before_pools(converted, trace) \
+        if acts.sign_before_pool and trace and form is None else {}
     moved = {p.name for _, readers in moves.values() for p in readers}
 
     # 3. swap, one layerwise_quantize call per (source class, target class)
@@ -135,7 +149,10 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
         if isinstance(new, LRWeightMixin) and not recipe.init.from_pretrained:
             _init_from_scratch(new, recipe, p.name)
 
-    # 4. signs in front of max-pools, then drop monotone activations feeding only signs
+    # 4. FINN form: quantizers at their producers; otherwise signs in front of max-pools,
+    # then drop monotone activations feeding only signs
+    if form is not None:
+        form.apply(report)
     for act_name, (pool, readers) in moves.items():
         _sign_before_pool(model, act_name, pool, readers, acts.threshold_init, report)
     if trace is not None and acts.drop_relu and sign_layers:
@@ -144,12 +161,32 @@ def convert_with_report(model: nn.Module, recipe: Union[Recipe, dict, str],
         report.notes.append(
             "LR layers emit Gaussian moments (lr_output_moments); a sign reached through "
             "moment-preserving ops (BatchNorm, residual add, avg pool) uses moment mode")
-    if sign_layers:
+    if sign_layers or form is not None:
         report.notes.append(
             "thresholds initialize from the first training batch (per-channel median; "
             "ternary: the 1/3 and 2/3 quantiles); "
             "call calibrate_thresholds(model, batch) to set them explicitly")
     return model, report
+
+
+def _default_input(model: nn.Module, recipe: Recipe) -> Tensor:
+    """:func:`.trace.default_example_input` on the model's device and dtype."""
+    like = next((t for t in model.parameters() if t.is_floating_point()), None)
+    x = default_example_input(model, recipe)
+    return x if like is None else x.to(like.device, like.dtype)
+
+
+def _plan_finn_form(model: nn.Module, recipe: Recipe, plans: List[_Plan],
+                    converted: List[_Plan], example_input: Tensor):
+    """The FINN form's plan (``recipe.finn``), from the float model."""
+    if any(p.override is not None and p.override.activation is not None for p in plans):
+        raise FinnFormError("finn: true places one activation quantizer per tensor: "
+                            "per-layer activation overrides are not supported")
+    spec = recipe.activations.quantizer
+    kept = {p.name: p.row.reason for p in plans if p.target is None}
+    return plan_finn_form(model, example_input, spec.resolve() if spec else None,
+                          {p.name: p.module for p in converted}, kept,
+                          recipe.activations.threshold_init)
 
 
 def _trace_model(model: nn.Module, recipe: Recipe, plans: List[_Plan],
@@ -165,16 +202,10 @@ def _trace_model(model: nn.Module, recipe: Recipe, plans: List[_Plan],
     layer_ids = {id(p.module): p.name for p in plans}
     if example_input is not None:
         return _trace(model, example_input, layer_ids)
-    like = next((t for t in model.parameters() if t.is_floating_point()), None)
-
-    def default() -> Tensor:
-        x = default_example_input(model, recipe)
-        return x if like is None else x.to(like.device, like.dtype)
-
     if needed:
-        return _trace(model, default(), layer_ids)
+        return _trace(model, _default_input(model, recipe), layer_ids)
     with torch.random.fork_rng(devices=[]):
-        x = default()
+        x = _default_input(model, recipe)
         try:
             return _trace(model, x, layer_ids)
         except Exception as e:   # any forward error: the model does not take this batch

@@ -7,7 +7,19 @@ convert_to_hw, minimize_bit_width_initial, create_dataflow_partition,
 specialize_layers, target_fps_parallelization, apply_folding_config,
 minimize_bit_width, generate_estimate_reports. None of them needs Vivado.
 
-One step is added after ``step_streamline``: :func:`step_clip_thresholds`, FINN's
+Three steps are added after ``step_streamline`` (each a no-op on a graph without what it
+handles):
+
+- :func:`step_residual_transposes` (graphs with a residual add of two streams):
+  streamlining leaves the adds and forks of a residual network in NCHW with Transposes around them, which would become full-frame ``Shuffle``
+  layers inside the partition; three rounds of FINN's MoveTransposePastJoinAdd / Fork /
+  Eltwise, AbsorbConsecutiveTransposes and AbsorbTransposeIntoMultiThreshold remove them
+  exactly (the transpose part of FINN's ``custom_step_library/resnet.py``).
+- :func:`step_global_acc_pool`: a GlobalAveragePool becomes FINN's ``GlobalAccPool`` (sums)
+  plus a scalar Mul(1/HW), and the Mul moves past Flatten and the classifier's MatMul, so
+  the classifier reads integers and maps to an MVAU (otherwise: "unmapped nodes Mul,
+  Flatten, MatMul").
+- :func:`step_clip_thresholds`, FINN's
 ``RoundAndClipThresholds``. A binary layer fed by ±1 activations becomes an
 XNOR-popcount MVAU whose thresholds live on the popcount (0..K); a channel whose sign
 is constant over the reachable range has a threshold below 0, and finn-plus 1.6.1's
@@ -82,12 +94,60 @@ def step_clip_thresholds(model, cfg):
     return model.transform(RoundAndClipThresholds())
 
 
+def step_residual_transposes(model, cfg):
+    """Move the Transposes around residual adds and forks out of the way (module docstring)."""
+    from qonnx.transformation.infer_data_layouts import InferDataLayouts
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from finn.transformation.streamline import Streamline
+    from finn.transformation.streamline.absorb import (AbsorbConsecutiveTransposes,
+                                                       AbsorbTransposeIntoMultiThreshold)
+    from finn.transformation.streamline.reorder import (MoveTransposePastEltwise,
+                                                        MoveTransposePastFork,
+                                                        MoveTransposePastJoinAdd)
+
+    joins = [n for n in model.graph.node if n.op_type == "Add"
+             and all(model.get_initializer(i) is None for i in n.input)]
+    if not joins:   # no residual add: nothing to clean (and the output chain stays as is)
+        return model
+    for _ in range(3):
+        for t in (MoveTransposePastJoinAdd(), MoveTransposePastFork(), MoveTransposePastEltwise(),
+                  AbsorbConsecutiveTransposes(), AbsorbTransposeIntoMultiThreshold(),
+                  Streamline(), InferDataTypes(), InferDataLayouts()):
+            model = model.transform(t)
+    return model
+
+
+def step_global_acc_pool(model, cfg):
+    """GlobalAveragePool -> GlobalAccPool + a scalar Mul moved past the classifier."""
+    from qonnx.transformation.general import GiveUniqueNodeNames
+    from qonnx.transformation.infer_data_layouts import InferDataLayouts
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+    from finn.transformation.fpgadataflow.convert_to_hw.global_acc_pool import (
+        InferGlobalAccPoolLayer)
+    from finn.transformation.streamline import Streamline
+    from finn.transformation.streamline.collapse_repeated import CollapseRepeatedMul
+    from finn.transformation.streamline.reorder import (MoveScalarLinearPastInvariants,
+                                                        MoveScalarMulPastMatMul)
+
+    if not any(n.op_type == "GlobalAveragePool" for n in model.graph.node):
+        return model
+    model = model.transform(InferDataLayouts()).transform(InferGlobalAccPoolLayer())
+    for t in (InferShapes(), InferDataTypes(), InferDataLayouts(),
+              MoveScalarLinearPastInvariants(), MoveScalarMulPastMatMul(), CollapseRepeatedMul(),
+              Streamline(), GiveUniqueNodeNames(), InferDataTypes(), InferDataLayouts()):
+        model = model.transform(t)
+    return model
+
+
 def build_steps() -> list:
-    """finn-plus' estimate-only step list with :func:`step_clip_thresholds` inserted."""
+    """finn-plus' estimate-only step list with the steps of the module docstring inserted
+    after ``step_streamline``."""
     from finn.builder import build_dataflow_config as config
 
     steps = list(config.estimate_only_dataflow_steps)
-    steps.insert(steps.index("step_streamline") + 1, step_clip_thresholds)
+    at = steps.index("step_streamline") + 1
+    steps[at:at] = [step_residual_transposes, step_global_acc_pool, step_clip_thresholds]
     return steps
 
 

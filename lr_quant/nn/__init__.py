@@ -2,6 +2,7 @@
 
 from .lr_layers import (LRQuantConv1d, LRQuantConv2d, LRQuantConv3d, LRQuantLinear,
                         LRWeightMixin, lr_layers, lr_regularization)
+from .requant import GridRequant
 from .stochastic_sign import StochasticSign, StochasticTernarySign
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "lr_regularization",
     "StochasticSign",
     "StochasticTernarySign",
+    "GridRequant",
 ]

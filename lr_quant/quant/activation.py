@@ -10,6 +10,10 @@ up by exact proxy class, so the proxy is never subclassed), as ``tensor_quant``:
   ``SignedTernaryActPerTensorConst``): in ``train()`` a stochastic sample in {-1, 0, +1}
   with thresholds +-1/2, in ``eval()`` ``clip(round(x), -1, 1)`` (half to even), scale 1.
   Exported as ``Quant(x, 1.0, 0, 2, signed=1, narrow=1, ROUND)``.
+- ``StochasticUnsignedTernaryQuant``: the same three values shifted to {0, 1, 2} (input
+  ``u + 1`` from ``UnsignedTernaryThreshold``), exported as ``Quant(x, 1.0, 0, 2, signed=0,
+  narrow=1)``: a quantizer whose minimum is 0, for a tensor FINN must pad with zeros (a
+  padded max-pool pads with the input type's minimum; docs/finn.md).
 
 The learned thresholds are the proxy's ``act_impl``, run before the quantizer in training
 and in export (``lr_quant.quant.threshold``): ``ThresholdShift`` (x - t) for the sign,
@@ -71,8 +75,8 @@ from lr_quant.functional.sign import (
 )
 from lr_quant.moments import MomentTensor, split_moments
 
-from .threshold import (THRESHOLD_INITS, TernaryThreshold, ThresholdShift, _TolerateMissingKeys,
-                        attach_threshold)
+from .threshold import (THRESHOLD_INITS, TernaryThreshold, ThresholdShift, UnsignedTernaryThreshold,
+                        _TolerateMissingKeys, attach_threshold)
 
 __all__ = [
     "SIGN_MODES",
@@ -80,8 +84,11 @@ __all__ = [
     "StochasticActQuant",
     "StochasticBinaryQuant",
     "StochasticTernaryQuant",
+    "StochasticUnsignedTernaryQuant",
+    "unsigned_ternary_injector",
     "ThresholdShift",
     "TernaryThreshold",
+    "UnsignedTernaryThreshold",
     "StochasticSignActPerTensorConst",
     "StochasticSignThresholdActPerChannelConst",
     "StochasticTernaryActPerTensorConst",
@@ -249,6 +256,33 @@ class StochasticTernaryQuant(StochasticActQuant):
 
     def _deterministic(self, x):
         return torch.clamp(round_ste(x), -1.0, 1.0)
+
+
+class StochasticUnsignedTernaryQuant(StochasticTernaryQuant):
+    """:class:`StochasticTernaryQuant` on x - 1, shifted back: values {0, 1, 2}, x in the
+    units of ``UnsignedTernaryThreshold`` (u + 1). Same probabilities, output mean + 1, same
+    variance; eval ``clip(round(x), 0, 2)`` (half to even)."""
+
+    def _sample(self, mean, var, eps):
+        y, moments = super()._sample(mean - 1.0, var, eps)
+        if moments is not None:
+            moments = (moments[0] + 1.0, moments[1])
+        return y + 1.0, moments
+
+    def _deterministic(self, x):
+        return torch.clamp(round_ste(x), 0.0, 2.0)
+
+
+def unsigned_ternary_injector(injector):
+    """`injector` (a ternary activation quantizer: the stochastic one or Brevitas' 2-bit
+    narrow ``IntQuant``) with its output shifted to {0, 1, 2}, scale 1, unsigned; its other
+    options (noise, temperature, mode ...) kept. Pair it with ``UnsignedTernaryThreshold``."""
+    if issubclass(injector, StochasticTernaryActPerTensorConst):
+        return injector.let(tensor_quant=StochasticUnsignedTernaryQuant, signed=False,
+                            min_val=0.0, max_val=2.0, scaling_init=1.0)
+    if issubclass(injector, SignedTernaryActPerTensorConst):
+        return injector.let(signed=False, min_val=0.0, max_val=2.0)   # scale 2 / max_int 2
+    raise TypeError(f"{injector.__name__} is not a 2-bit narrow ternary activation quantizer")
 
 
 class _StochasticOptions(ExtendedInjector):

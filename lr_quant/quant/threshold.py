@@ -47,6 +47,7 @@ __all__ = [
     "MIN_HALF_WIDTH",
     "ThresholdShift",
     "TernaryThreshold",
+    "UnsignedTernaryThreshold",
     "attach_threshold",
     "calibrate_thresholds",
 ]
@@ -240,7 +241,8 @@ class TernaryThreshold(ThresholdShift):
         elif self.init_method == "median":
             ordered = flat.sort(dim=1).values
             last = ordered.shape[1] - 1
-            lo, hi = ordered[:, last // 3], ordered[:, (2 * last) // 3]
+            lo, hi = _above_order_statistic(ordered, last // 3), \
+                _above_order_statistic(ordered, (2 * last) // 3)
             centre, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
         else:
             centre, half = flat.mean(dim=1), _GAUSS_TERTILE * flat.std(dim=1, correction=0)
@@ -277,6 +279,26 @@ class TernaryThreshold(ThresholdShift):
             return (x - self.threshold.mean()) * self.scale().mean()
         self._prepare(x)
         return (x - self._broadcast(self.threshold, x)) * self._broadcast(self.scale(), x)
+
+
+class UnsignedTernaryThreshold(TernaryThreshold):
+    """u + 1 = (x - c) * 0.5 / t + 1: the same two thresholds c -+ t for a quantizer on
+    {0, 1, 2} (``clip(round(u + 1), 0, 2)``); export ``Sub -> Mul -> Add -> Quant(scale 1,
+    2 bit, narrow, unsigned)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + 1.0
+
+
+def _above_order_statistic(ordered: Tensor, k: int) -> Tensor:
+    """Per row of `ordered` (sorted rows): the midpoint between the k-th value and the next
+    larger one (the k-th value where none is larger). A threshold there sits on no value of
+    the batch, so integer-valued inputs (a sum of two ternary tensors) never tie with it:
+    PyTorch's round-half-even and FINN's ``x >= threshold`` would disagree on a tie."""
+    a = ordered[:, k:k + 1]
+    j = torch.searchsorted(ordered, a.contiguous(), right=True).clamp(max=ordered.shape[1] - 1)
+    b = ordered.gather(1, j)
+    return (0.5 * (a + torch.where(b > a, b, a))).squeeze(1)
 
 
 def _balanced_split(cdf: Tensor):

@@ -23,8 +23,13 @@ from lr_quant.summary import model_summary
 from lr_quant.train import load_trained_model
 
 RECIPES = sorted((Path(lr_quant.__file__).resolve().parents[1] / "recipes").glob("finn_*.yaml"))
-#: small widths of the models the FINN recipes name (the topology is what FINN sees)
-TINY_MODELS = {"finn_cnv": "{channels: [8, 16, 16], fc_features: 16}"}
+#: small widths of the models the FINN recipes name (the topology is what FINN sees), and
+#: the input size: a timm ResNet's last stage must stay >= 2x2 at the check (FINN's python
+#: execution cannot run a padded 3x3 conv on a 1x1 map)
+TINY_MODELS = {
+    "finn_cnv": ("{channels: [8, 16, 16], fc_features: 16}", 32),
+    "resnet10t": ("{avg_down: false, stem_width: 8, channels: [8, 16, 16, 16]}", 40),
+}
 
 
 def test_there_is_a_finn_recipe_for_each_tiny_model():
@@ -36,12 +41,13 @@ def test_there_is_a_finn_recipe_for_each_tiny_model():
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_finn_recipe_trains_exports_and_maps_into_one_dataflow_partition(path, tmp_path, capsys):
     recipe = Recipe.from_yaml(path)
+    kwargs, size = TINY_MODELS[recipe.model.name]
     run = tmp_path / "run"
     argv = ["train", "-c", str(path), "--output", str(run), "--data.dataset", "digits",
-            "--data.image_size", "32", "--train.epochs", "1", "--train.batch_size", "64",
+            "--data.image_size", str(size), "--train.epochs", "1", "--train.batch_size", "64",
             "--data.train_fraction", "0.5", "--train.sampled_networks", "1",
             "--train.bn_reestimate_batches", "2", "--no-progress",
-            "--set", f"model.kwargs={TINY_MODELS[recipe.model.name]}"]
+            "--set", f"model.kwargs={kwargs}"]
     assert main(argv) == 0
     # the user's command: export, verify with qonnx, then finn-plus' build steps
     onnx_path = tmp_path / "model.onnx"
@@ -71,7 +77,7 @@ def test_finn_recipe_trains_exports_and_maps_into_one_dataflow_partition(path, t
     assert all(v["LUT"] > 0 for k, v in flow["estimates"].items() if k.startswith("MVAU"))
 
     # the summary's FINN column from this verdict: every layer mapped, FINN's line below
-    summary = model_summary(model, torch.zeros(1, 3, 32, 32), finn=verdict_of(result))
+    summary = model_summary(model, torch.zeros(1, 3, size, size), finn=verdict_of(result))
     assert {r.finn for r in summary.rows} == {"yes (FINN build)"}
     footer = summary.table().splitlines()[-1]
     assert footer.startswith("FINN (finn-plus build steps): one dataflow partition")

@@ -24,6 +24,7 @@ from lr_quant.quant.activation import (
     attach_threshold,
     set_sign_noise_std,
     set_sign_temperature,
+    unsigned_ternary_injector,
 )
 
 N = 120_000
@@ -486,3 +487,54 @@ def test_ternary_standalone_layer_keeps_its_threshold_through_a_state_dict_load(
         assert all(a is b for a, b in zip(params, target.parameters()))
         for a, b in zip(source.threshold_module.parameters(), module.parameters()):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["stochastic_ternary", "ste_ternary"])
+def test_unsigned_ternary_is_the_signed_ternary_plus_one(name, tmp_path):
+    """The FINN form's quantizer before a padded max-pool: same thresholds, values {0, 1, 2}
+    = the signed ternary + 1, in training (same random draws; noise and moment mode, moments
+    shifted) and in eval; exported as Quant(scale 1, 2 bit, narrow, unsigned), executed by
+    qonnx exactly as PyTorch."""
+    from lr_quant.quant.threshold import UnsignedTernaryThreshold, attach_threshold
+    from lr_quant.registry import get_act_quantizer
+
+    act = get_act_quantizer(name)
+    signed = QuantIdentity(act_quant=act.injector, return_quant_tensor=False)
+    unsigned = QuantIdentity(act_quant=unsigned_ternary_injector(act.injector),
+                             return_quant_tensor=False)
+    attach_threshold(signed.act_quant, 3, 1, threshold_class=act.threshold)
+    attach_threshold(unsigned.act_quant, 3, 1, threshold_class=UnsignedTernaryThreshold)
+    centre, half = torch.tensor([0.0, 1.0, -0.5]), torch.tensor([0.5, 0.25, 1.0])
+    for q in (signed, unsigned):
+        th = q.act_quant.fused_activation_quant_proxy.activation_impl
+        with torch.no_grad():
+            th.threshold.copy_(centre)
+            th.half_width.copy_(half)
+            th.initialized.fill_(True)
+    assert float(unsigned.act_quant.scale()) == 1.0 and float(unsigned.act_quant.bit_width()) == 2
+    assert not unsigned.act_quant.is_signed and unsigned.act_quant.is_narrow_range
+    x = torch.randn(64, 3, 4, 4) * 2
+    moments = MomentTensor.from_moments(x, torch.rand_like(x) + 0.1)
+    signed.train(), unsigned.train()
+    for inp in (x, moments):
+        torch.manual_seed(1)
+        ys = signed(inp)
+        torch.manual_seed(1)
+        yu = unsigned(inp)
+        assert torch.equal(torch.as_tensor(yu).detach(), torch.as_tensor(ys).detach() + 1)
+        assert set(torch.as_tensor(yu).unique().tolist()) <= {0.0, 1.0, 2.0}
+        if has_moments(ys):
+            torch.testing.assert_close(yu.moment_mean, ys.moment_mean + 1)
+            torch.testing.assert_close(yu.moment_var, ys.moment_var)
+    signed.eval(), unsigned.eval()
+    assert torch.equal(unsigned(x), signed(x) + 1)
+    wrapped, out = _export_and_run(nn.Sequential(unsigned).eval(), x[:4], tmp_path / "u.onnx")
+    quant = [n for n in wrapped.graph.node if n.op_type == "Quant"]
+    attrs = {a.name: a.i for a in quant[0].attribute if a.type == a.INT}
+    assert len(quant) == 1 and attrs["signed"] == 0 and attrs["narrow"] == 1
+    np.testing.assert_array_equal(out, unsigned(x[:4]).detach().numpy())
+
+
+def test_unsigned_ternary_refuses_a_quantizer_that_is_not_ternary():
+    with pytest.raises(TypeError, match="not a 2-bit narrow ternary"):
+        unsigned_ternary_injector(StochasticSignActPerTensorConst)

@@ -61,6 +61,28 @@ def test_ternary_median_init_makes_three_equally_likely_values():
     torch.testing.assert_close(thz(x), x)
 
 
+def test_ternary_median_init_on_integer_data_puts_thresholds_between_values():
+    """A residual sum of two ternary tensors takes integer values: the thresholds must fall
+    between the values around the 1/3 and 2/3 order statistics (PyTorch rounds a tie half
+    to even, FINN's MultiThreshold counts x >= threshold: a tie would differ), and the
+    split is the one the order statistics give (oracle: the counts below each threshold)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(-1, 2, (999, 3), generator=g) + torch.randint(-1, 2, (999, 3), generator=g)
+         ).float()
+    th = TernaryThreshold(3).train()
+    th(x)
+    lo = (th.threshold - th.half_width).detach()
+    hi = (th.threshold + th.half_width).detach()
+    for c in range(3):
+        values = x[:, c].unique()
+        assert not torch.isin(torch.stack([lo[c], hi[c]]), values).any()
+        ordered = x[:, c].sort().values
+        k1, k2 = 998 // 3, (2 * 998) // 3
+        # the lower threshold sits just above the k1-th value: everything <= it is below
+        assert (x[:, c] < lo[c]).sum() == (x[:, c] <= ordered[k1]).sum()
+        assert (x[:, c] < hi[c]).sum() == (x[:, c] <= ordered[k2]).sum()
+
+
 def test_ternary_init_after_relu_ties_keeps_all_three_values():
     """A ReLU output is 0 in ~70% of the positions: the tertiles are both 0, which would
     leave out the value -1; the balanced split puts one threshold between 0 and the smallest
