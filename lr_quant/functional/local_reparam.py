@@ -34,12 +34,14 @@ square root and the noise are applied in float32.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .._random import randn_as
+from .recompute import recompute_saved
 
 __all__ = ["LinearOp", "lr_moments", "lr_sample", "preactivation_snr", "DEFAULT_EPS"]
 
@@ -86,7 +88,11 @@ def lr_moments(
         raise ValueError(
             f"input mean and variance shapes differ: {tuple(x.shape)} vs {tuple(x_var.shape)}")
     mean = op(x, weight_mean, bias)
-    var = _variance_op(op, x * x, weight_var)
+    x_sq = x * x
+    # x^2 is rebuilt from x (which the mean's op keeps anyway) in the backward, not kept
+    keep_less = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    with recompute_saved((x_sq,), lambda: (x * x,)) if keep_less else contextlib.nullcontext():
+        var = _variance_op(op, x_sq, weight_var)
     if x_var is not None:
         channel_dim = -1 if weight_mean.dim() == 2 else 1
         dense = x_var.shape[channel_dim] == weight_mean.shape[1]   # groups == 1
