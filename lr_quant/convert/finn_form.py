@@ -217,13 +217,14 @@ class _FinnForm:
             elif kind == "module":
                 self.quantize_output_of(producer, name)
         for where, operands in flow.adds:
+            where = where or "the model"
             if self.act.precision == 1:
-                raise self.error(where or "the model", (
+                raise self.error(where, (
                     "a residual add with binary (sign) activations: FINN cannot map the "
                     "sign after the add (a standalone bipolar threshold) and pads the convs "
                     "with -1; use a ternary activation quantizer (recipes/finn_resnet_w1a2)"))
             for operand in operands:
-                kind, producer = self.source(operand, f"the add in {where or 'the model'}")
+                kind, producer = self.source(operand, f"the add in {where}")
                 if kind == "input":
                     raise self.error(where, "adds the network input itself")
                 if kind == "add":
