@@ -43,7 +43,7 @@ from ..nn.requant import GridRequant
 from ..quant.activation import unsigned_ternary_injector
 from ..quant.threshold import UnsignedTernaryThreshold, attach_threshold
 from ..registry import ActQuantizer
-from .handlers import DROPPABLE_ACTIVATIONS
+from .handlers import DROPPABLE_ACTIVATIONS, replace_module
 from .report import ConversionReport
 
 __all__ = ["FinnFormError"]
@@ -290,12 +290,12 @@ class _FinnForm:
         placed = {}
         for name in flow.activations:
             act = _unsigned(self.act) if name in unsigned else self.act
-            _replace(model, name, self.quantizer(flow.channels[name], act).to(device))
+            replace_module(model, name, self.quantizer(flow.channels[name], act).to(device))
             placed[name] = act.name
         for name, reader in self.wrap.items():
             act = _unsigned(self.act) if name in unsigned else self.act
             q = self.quantizer(flow.channels[name], act).to(device)
-            _replace(model, name, nn.Sequential(model.get_submodule(name), q))
+            replace_module(model, name, nn.Sequential(model.get_submodule(name), q))
             placed[name] = act.name
             report.notes.append(f"finn: {act.name} after {name} (read by {reader})")
             inner = model.get_submodule(name)[0]
@@ -306,7 +306,7 @@ class _FinnForm:
                     f"model): the quantizer after it outputs a constant and passes no "
                     f"gradient, so that residual branch stays off; start from trained weights")
         for name, offset in self.requant.items():
-            _replace(model, name, nn.Sequential(model.get_submodule(name),
+            replace_module(model, name, nn.Sequential(model.get_submodule(name),
                                                 GridRequant(offset).to(device)))
             report.notes.append(f"finn: {name} is followed by a fixed re-quantizer "
                                 f"(x - {offset:g})" + (" (unsigned input: FINN pads a max-pool "
@@ -315,15 +315,6 @@ class _FinnForm:
             report.notes.append("finn: quantizers on the tensors they quantize (producer "
                                 f"side): {', '.join(sorted(placed))}")
         return placed
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Register `new` under every name of the module now at `name`."""
-    old = model.get_submodule(name)
-    for n, m in list(model.named_modules(remove_duplicate=False)):
-        if m is old:
-            parent, _, child = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def plan_finn_form(model: nn.Module, example_input: Tensor, act: Optional[ActQuantizer],

@@ -24,6 +24,7 @@ __all__ = [
     "register_layer_handler",
     "DROPPABLE_ACTIVATIONS",
     "conv_linear_modules",
+    "replace_module",
 ]
 
 #: activation modules that are monotone non-decreasing: sign(f(a) - t) = sign(a - t') with
@@ -107,3 +108,13 @@ def _layer_kind(module: nn.Module) -> str:
     if groups > 1 and groups == getattr(module, "in_channels", -1):
         return "depthwise"
     return "conv"
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Register `new` under every name of the module now at `name` (a module registered
+    several times stays one module)."""
+    old = model.get_submodule(name)
+    for n, m in list(model.named_modules(remove_duplicate=False)):
+        if m is old:
+            parent, _, child = n.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)

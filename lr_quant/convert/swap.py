@@ -39,7 +39,7 @@ from ..nn.lr_layers import LRWeightMixin
 from ..quant.threshold import attach_threshold
 from ..recipe import Recipe, load_recipe
 from .finn_form import FinnFormError, plan_finn_form
-from .handlers import DROPPABLE_ACTIVATIONS
+from .handlers import DROPPABLE_ACTIVATIONS, replace_module
 from .plan import _Plan, _plan
 from .report import ConversionReport
 from .trace import _Trace, _trace, default_example_input
@@ -261,8 +261,7 @@ def _sign_before_pool(model: nn.Module, act_name: str, pool: str, readers: List[
         attach_threshold(sign.act_quant, _in_channels(readers[0].module), 1, threshold_init,
                          threshold_class=act.threshold)
     old = model.get_submodule(act_name)
-    _replace_module(model, [n for n, m in model.named_modules(remove_duplicate=False)
-                            if m is old], sign)
+    replace_module(model, act_name, sign)
     for r in readers:
         r.row.input_quant = f"{r.row.input_quant} (before {pool}, replacing {act_name})"
     report.notes.append(f"{act_name} ({type(old).__name__}) became the {act.name} of "
@@ -359,14 +358,7 @@ def _drop_activations(model: nn.Module, trace: _Trace, sign_layers: set,
         other = trace.act_other.get(name, set())
         if other or not readers or not readers <= sign_layers:
             continue
-        _replace_module(model, registered, nn.Identity())
+        replace_module(model, registered[0], nn.Identity())
         kind = type(modules[ident]).__name__
         report.dropped_activations.append(
             (name, f"{kind} feeds only the sign inputs of {sorted(readers)}"))
-
-
-def _replace_module(model: nn.Module, names: List[str], new: nn.Module) -> None:
-    """Register `new` under every one of `names` (a module registered several times)."""
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
