@@ -82,8 +82,9 @@ def test_compiled_regions_have_no_graph_break():
         report = torch._dynamo.explain(LRWeightMixin._lr_sample_core)(layers[0], x, x_var, None)
         assert report.graph_break_count == 0 and report.graph_count == 1, report
     mean, var = torch.randn(6, 8, 8, 8), torch.rand(6, 8, 8, 8) + 0.1
-    report = torch._dynamo.explain(StochasticBinaryQuant._sample)(signs[0], mean, var, 1e-8)
-    assert report.graph_break_count == 0 and report.graph_count == 1, report
+    for region in (StochasticBinaryQuant._sample, StochasticBinaryQuant._moments):
+        report = torch._dynamo.explain(region)(signs[0], mean, var, 1e-8)
+        assert report.graph_break_count == 0 and report.graph_count == 1, (region, report)
 
 
 def test_set_compile_only_touches_modules_with_a_compiled_path():

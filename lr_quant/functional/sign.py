@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from .._random import rand_as
-from .sign_fused import RelaxedSign, SignStatistics
+from .sign_fused import RelaxedSign, SignMoments, SignStatistics
 
 __all__ = [
     "DEFAULT_EPS",
@@ -200,11 +200,12 @@ def sign_moments(mean: Tensor, var: Tensor, threshold: ThresholdLike = 0.0,
 
         E[s] = 2P - 1 = erf(z / sqrt 2),   Var[s] = 4 P (1 - P) = 4 Phi(z) Phi(-z),
 
-    z = (m - t) / sqrt(v + eps). Never ``1 - E[s]^2`` (it cancels)."""
-    z = sign_z(mean, var, threshold, eps)
-    out_mean = torch.erf(z * _SQRT1_2)
-    out_var = 4.0 * ndtr(z) * ndtr(-z)
-    return out_mean, out_var
+    z = (m - t) / sqrt(v + eps). Never ``1 - E[s]^2`` (it cancels). One autograd node
+    (:class:`~.sign_fused.SignMoments`): no log-odds, nothing for a sample."""
+    _check_nonneg("eps", eps)
+    if not isinstance(var, Tensor):
+        var = torch.as_tensor(var, dtype=mean.dtype, device=mean.device)
+    return SignMoments.apply(mean - threshold, var, eps, Z_MAX)
 
 
 def noise_sign_probability(x: Tensor, sigma: ThresholdLike,

@@ -14,6 +14,10 @@ with T = log Phi(-|z|) and B = log Phi(|z|):
 T comes from erfc below a cutoff and from the Mills-ratio series above it (Abramowitz &
 Stegun 26.2.12), so it stays finite and accurate for every |z| <= Z_MAX = 40.
 
+Where only the moments are read (an LR layer's input quantizer in training: the layer
+propagates (E[s], Var[s]), never the sample), ``SignMoments`` computes just those two with
+Phi(-|z|) = erfc(|z| / sqrt 2) / 2: no log-odds, no sample.
+
 The relaxed sample (straight-through binary concrete, Maddison et al. 2017): with y = l + L,
 L ~ Logistic(0, 1), the forward is s = +1 if y >= 0 else -1 and the backward
 ds/dl = (2 / tau) sigmoid(y / tau) (1 - sigmoid(y / tau)).
@@ -26,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SignStatistics", "RelaxedSign", "log_phi_tail"]
+__all__ = ["SignStatistics", "SignMoments", "RelaxedSign", "log_phi_tail"]
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -48,6 +52,26 @@ def log_phi_tail(a: Tensor) -> Tensor:
     return torch.where(a <= cutoff, near, far)
 
 
+def _margin(centered: Tensor, var: Tensor, eps: float, z_max: float):
+    """(c, r, z, |z| clamped to z_max, [|z| <= z_max]) in float32 (float64 stays float64),
+    r = 1 / sqrt(v + eps), z = c r."""
+    c = centered if centered.dtype == torch.float64 else centered.float()
+    r = torch.rsqrt(var.to(c.dtype) + eps)
+    z_raw = c * r
+    magnitude = z_raw.abs()
+    return c, r, z_raw, magnitude.clamp(max=z_max), (magnitude <= z_max).to(c.dtype)
+
+
+def _moments_backward(grad_mean, grad_var, mean, slope_moments):
+    """dc of (E[s], Var[s]): (2 g_mean - 4 g_var E[s]) k_m; None when neither has a grad."""
+    if grad_mean is None and grad_var is None:
+        return None
+    weight = 0.0 if grad_mean is None else 2.0 * grad_mean
+    if grad_var is not None:
+        weight = weight - 4.0 * grad_var * mean
+    return weight * slope_moments
+
+
 class SignStatistics(torch.autograd.Function):
     """``SignStatistics.apply(c, v, eps, with_moments)`` -> (l,) or (l, E[s], Var[s]) for the
     margin z = clamp(c / sqrt(v + eps), -z_max, z_max), c = m - t: the standardized margin
@@ -62,12 +86,7 @@ class SignStatistics(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, centered: Tensor, var, eps: float, with_moments: bool, z_max: float):
-        c = centered if centered.dtype == torch.float64 else centered.float()
-        r = torch.rsqrt(var.to(c.dtype) + eps)
-        z_raw = c * r
-        magnitude = z_raw.abs()
-        a = magnitude.clamp(max=z_max)
-        inside = (magnitude <= z_max).to(c.dtype)
+        c, r, z_raw, a, inside = _margin(centered, var, eps, z_max)
         tail = log_phi_tail(a)
         tail_p = torch.exp(tail)
         body = torch.log1p(-tail_p)
@@ -94,18 +113,47 @@ class SignStatistics(torch.autograd.Function):
         grad = torch.zeros_like(slope_odds) if grad_odds is None else grad_odds * slope_odds
         if ctx.with_moments:
             slope_moments, mean = rest
-            grad_mean, grad_var = grad_moments
-            if grad_mean is not None or grad_var is not None:
-                weight = 0.0 if grad_mean is None else 2.0 * grad_mean
-                if grad_var is not None:
-                    weight = weight - 4.0 * grad_var * mean
-                grad = grad + weight * slope_moments
+            grad_c = _moments_backward(*grad_moments, mean, slope_moments)
+            if grad_c is not None:
+                grad = grad + grad_c
         var_dtype, var_shape = ctx.var_meta
         grad_v = None
         if ctx.needs_input_grad[1]:
             grad_v = (grad * slope_var).sum_to_size(var_shape).to(var_dtype)
         return grad.to(grad_odds.dtype if grad_odds is not None else grad.dtype), grad_v, \
             None, None, None
+
+
+class SignMoments(torch.autograd.Function):
+    """``SignMoments.apply(c, v, eps, z_max)`` -> (E[s], Var[s]) of s = sign(a), a ~ N(c, v),
+    margin z as in :class:`SignStatistics` (the same values as its moments): for consumers
+    that never read a sample. Saves k_m, E[s] and k_v (SignStatistics plus the relaxed
+    sample keep five activation-sized tensors)."""
+
+    @staticmethod
+    def forward(ctx, centered: Tensor, var, eps: float, z_max: float):
+        ctx.set_materialize_grads(False)
+        c, r, z_raw, a, inside = _margin(centered, var, eps, z_max)
+        tail_p = 0.5 * torch.erfc(a * _SQRT1_2)                         # Phi(-|z|)
+        mean = torch.erf(torch.copysign(a, z_raw) * _SQRT1_2)
+        out_var = 4.0 * tail_p * (1.0 - tail_p)
+        slope_moments = torch.exp(-0.5 * a * a - _HALF_LOG_2PI) * (r * inside)
+        slope_var = -0.5 * z_raw * r if ctx.needs_input_grad[1] else None
+        ctx.meta = (centered.dtype, var.dtype, var.shape)
+        ctx.save_for_backward(slope_moments, mean, slope_var)
+        return mean.to(centered.dtype), out_var.to(centered.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        slope_moments, mean, slope_var = ctx.saved_tensors
+        grad = _moments_backward(grad_mean, grad_var, mean, slope_moments)
+        if grad is None:
+            return None, None, None, None
+        c_dtype, var_dtype, var_shape = ctx.meta
+        grad_v = None
+        if ctx.needs_input_grad[1]:
+            grad_v = (grad * slope_var).sum_to_size(var_shape).to(var_dtype)
+        return grad.to(c_dtype), grad_v, None, None
 
 
 class RelaxedSign(torch.autograd.Function):

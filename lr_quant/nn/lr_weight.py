@@ -45,7 +45,8 @@ from ..compile_regions import compiled
 from .._tensor import as_tensor
 from ..distributions import WeightDistribution
 from ..functional import lr_moments, lr_sample
-from ..moments import MomentTensor, split_moments
+from ..moments import MomentTensor, has_moments, split_moments
+from ..quant.activation import moments_only
 from ..quant.weight import (LRBinaryWeightPerTensorConst, distribution_from_quantizer,
                             integer_grid, threshold_factor)
 
@@ -317,8 +318,13 @@ class LRWeightMixin:
         """
         if not self._lr_training_forward():
             return super().forward_impl(inp)
-        quant_input = self.input_quant(self.unpack_input(inp))
-        output = self.lr_preactivation(as_tensor(quant_input), self.bias)
+        # a stochastic input quantizer is read for its moments only: it draws no sample
+        with moments_only(self.input_quant) as reads_moments:
+            quant_input = as_tensor(self.input_quant(self.unpack_input(inp)))
+        if reads_moments and not has_moments(quant_input):
+            raise RuntimeError(f"{type(self).__name__}: the input quantizer's output lost its "
+                               "moments (an in-place op after it?); its data is not a sample")
+        output = self.lr_preactivation(quant_input, self.bias)
         return self.pack_output(self.output_quant(output))
 
     def lr_preactivation(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -32,7 +32,8 @@ The hard sample is exact; its gradient is the straight-through relaxation with t
 tau (binary concrete for +-1, Gumbel-softmax for ternary). With
 ``sign_propagate_moments=True`` the output is a ``MomentTensor`` (sample, mean, variance of
 the discrete output) so a following LR layer can use the moments; Brevitas layers that do
-not know moments just use the sample.
+not know moments just use the sample. An LR layer's own input quantizer is read for its
+moments only (:func:`moments_only`): in training it draws no sample (its data is E[s]).
 
 sigma_a and tau are buffers (sigma_a a parameter when ``sign_learn_noise_std=True``) with
 setters; :mod:`.sign_settings` sets them on every quantizer of a model and
@@ -49,9 +50,10 @@ setters; :mod:`.sign_settings` sets them on every quantizer of a model and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +72,7 @@ from lr_quant.functional.sign import (
     relaxed_ternary_sample,
     sign_log_odds,
     sign_log_odds_and_moments,
+    sign_moments,
     ternary_log_probabilities,
     ternary_moments_from_log_probabilities,
 )
@@ -82,6 +85,7 @@ __all__ = [
     "SIGN_MODES",
     "THRESHOLD_INITS",
     "StochasticActQuant",
+    "moments_only",
     "StochasticBinaryQuant",
     "StochasticTernaryQuant",
     "StochasticUnsignedTernaryQuant",
@@ -131,6 +135,8 @@ class StochasticActQuant(_TolerateMissingKeys, nn.Module):
     SCALE_INVARIANT = False
     #: run ``_sample`` as a torch.compile region (see lr_quant.compile_regions)
     lr_compile: bool = False
+    #: set by :func:`moments_only` while the only reader takes the moments: no sample
+    reads_moments_only: bool = False
 
     def __init__(
             self,
@@ -179,6 +185,12 @@ class StochasticActQuant(_TolerateMissingKeys, nn.Module):
             var, eps = (sigma * sigma).expand_as(mean), 0.0
         else:
             eps = self.eps
+        if self.reads_moments_only and self.propagate_moments:
+            moments = self._moments
+            if self.lr_compile:
+                moments = functools.partial(compiled(type(self)._moments), self)
+            out_mean, out_var = moments(mean, var, eps)
+            return MomentTensor.from_moments(out_mean, out_var, sample=out_mean, validate=False)
         sample = self._sample
         if self.lr_compile and self.generator is None:
             sample = functools.partial(compiled(type(self)._sample), self)
@@ -188,6 +200,10 @@ class StochasticActQuant(_TolerateMissingKeys, nn.Module):
         return y
 
     def _sample(self, mean: Tensor, var: Tensor, eps: float):
+        raise NotImplementedError
+
+    def _moments(self, mean: Tensor, var: Tensor, eps: float):
+        """(E[y], Var[y]) of the output, nothing else (no sample, no log-odds)."""
         raise NotImplementedError
 
     def _deterministic(self, x: Tensor) -> Tensor:
@@ -230,6 +246,9 @@ class StochasticBinaryQuant(StochasticActQuant):
         return relaxed_sign_sample(log_odds, self.temperature, self.generator,
                                    validate=False), moments
 
+    def _moments(self, mean, var, eps):
+        return sign_moments(mean, var, 0.0, eps)
+
     def _deterministic(self, x):
         return binary_sign_ste(x)
 
@@ -254,6 +273,10 @@ class StochasticTernaryQuant(StochasticActQuant):
         return relaxed_ternary_sample(log_probs, self.temperature, self.generator,
                                       validate=False), moments
 
+    def _moments(self, mean, var, eps):
+        return ternary_moments_from_log_probabilities(
+            ternary_log_probabilities(mean, var, 0.5, eps, validate=False))
+
     def _deterministic(self, x):
         return torch.clamp(round_ste(x), -1.0, 1.0)
 
@@ -269,8 +292,37 @@ class StochasticUnsignedTernaryQuant(StochasticTernaryQuant):
             moments = (moments[0] + 1.0, moments[1])
         return y + 1.0, moments
 
+    def _moments(self, mean, var, eps):
+        out_mean, out_var = super()._moments(mean - 1.0, var, eps)
+        return out_mean + 1.0, out_var
+
     def _deterministic(self, x):
         return torch.clamp(round_ste(x), 0.0, 2.0)
+
+
+def _stochastic_tensor_quant(proxy) -> Optional[StochasticActQuant]:
+    fused = getattr(proxy, "fused_activation_quant_proxy", None)
+    quant = getattr(fused, "tensor_quant", None)
+    return quant if isinstance(quant, StochasticActQuant) else None
+
+
+@contextlib.contextmanager
+def moments_only(proxy) -> Iterator[bool]:
+    """Within the block, the stochastic quantizer of the Brevitas act proxy `proxy` (if it
+    has one that propagates moments) returns its output moments (E[y], Var[y]) in training
+    with E[y] as the data, and draws no sample: for a reader that uses the moments only, as
+    an LR layer does with its input (x E[w], x^2 Var[w] + Var[x] E[w^2]). The sample, the
+    log-odds and the relaxation were dead work there (no gradient ever reached them).
+    Yields whether it applies."""
+    quant = _stochastic_tensor_quant(proxy)
+    if quant is None or not quant.propagate_moments or quant.reads_moments_only:
+        yield False
+        return
+    quant.reads_moments_only = True
+    try:
+        yield True
+    finally:
+        quant.reads_moments_only = False
 
 
 def unsigned_ternary_injector(injector):

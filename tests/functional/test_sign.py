@@ -14,6 +14,7 @@ from lr_quant.functional.sign import (
     sample_sign,
     sample_ternary,
     sign_log_odds,
+    sign_log_odds_and_moments,
     sign_moments,
     sign_probability,
     ste_sign,
@@ -250,3 +251,23 @@ def test_extreme_margins_give_finite_exact_saturated_values_and_zero_gradients()
     z = torch.linspace(-Z_MAX, Z_MAX, 101, dtype=torch.float64)
     torch.testing.assert_close(sign_log_odds(z, torch.ones_like(z), 0.0, 0.0),
                                torch.special.log_ndtr(z) - torch.special.log_ndtr(-z))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_node_equals_the_statistics_node_in_values_and_gradients(dtype):
+    """sign_moments (one node, no log-odds) = the moments of sign_log_odds_and_moments, and
+    its gradients too, from the body to the clamped tails (|z| = 0 .. 1e4)."""
+    g = torch.Generator().manual_seed(0)
+    m0 = torch.cat([torch.randn(200, generator=g, dtype=dtype) * 3,
+                    torch.tensor([0.0, 9.5, -12.0, 15.0, 39.0, -41.0, 1e4], dtype=dtype)])
+    v0 = torch.rand(m0.shape, generator=g, dtype=dtype) + 0.05
+    weights = torch.randn(2, m0.numel(), generator=g, dtype=dtype)
+    results = []
+    for fn in (lambda m, v: sign_log_odds_and_moments(m, v, 0.1)[1:],
+               lambda m, v: sign_moments(m, v, 0.1)):
+        m, v = m0.clone().requires_grad_(), v0.clone().requires_grad_()
+        mean, var = fn(m, v)
+        grads = torch.autograd.grad((mean * weights[0] + var * weights[1]).sum(), (m, v))
+        results.append((mean, var) + grads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -444,3 +444,79 @@ def test_lr_scale_equals_the_quantizer_scale(quant):
     else:
         torch.testing.assert_close(scale, expected)
         assert scale.requires_grad
+
+
+def _w1a_training_step(model, x, seed, reads_moments_only=True, monkeypatch=None):
+    """One training forward/backward of a converted model with every sign drawing from its
+    own generator (so the LR layers' noise is the same global stream with or without sign
+    samples); returns (output, named grads, sign generator states before, after)."""
+    import contextlib
+
+    import lr_quant.nn.lr_weight as lr_weight
+    from lr_quant.quant.sign_settings import sign_quant_modules
+
+    if not reads_moments_only:   # the former path: every input quantizer draws its sample
+        monkeypatch.setattr(lr_weight, "moments_only",
+                            lambda proxy: contextlib.nullcontext(False))
+    quants = list(sign_quant_modules(model))
+    for i, q in enumerate(quants):
+        q.generator = torch.Generator().manual_seed(100 + i)
+    before = [q.generator.get_state() for q in quants]
+    torch.manual_seed(seed)
+    model.train()
+    out = model(x)
+    F.cross_entropy(out, torch.arange(x.shape[0]) % 10).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    after = [q.generator.get_state() for q in quants]
+    monkeypatch and monkeypatch.undo()
+    return out.detach(), grads, before, after
+
+
+@pytest.mark.parametrize("recipe", ["resnet_w1a1", "resnet_w1a2"])
+def test_input_quantizer_read_for_moments_only_draws_nothing_and_changes_nothing(
+        recipe, monkeypatch):
+    """An LR layer reads its stochastic input quantizer's moments only, so that quantizer
+    draws no sample in training (its generator is untouched) and the network computes what
+    it computed with the (dead) samples: the same output and the same gradients."""
+    import copy
+
+    import timm
+
+    from lr_quant.convert import convert_with_report
+    from lr_quant.quant.threshold import calibrate_thresholds
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    with torch.no_grad():   # timm zero-initializes each block's last BN: a trained net does not
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    model, _ = convert_with_report(model, recipe)
+    x = torch.randn(6, 3, 32, 32)
+    calibrate_thresholds(model, x)
+    new = _w1a_training_step(copy.deepcopy(model), x, seed=3)
+    old = _w1a_training_step(copy.deepcopy(model), x, seed=3, reads_moments_only=False,
+                             monkeypatch=monkeypatch)
+    # the old path drew from every sign's generator; the new one from none
+    assert all(not torch.equal(a, b) for a, b in zip(old[2], old[3]))
+    assert all(torch.equal(a, b) for a, b in zip(new[2], new[3]))
+    torch.testing.assert_close(new[0], old[0], rtol=1e-4, atol=1e-5)
+    assert new[1].keys() == old[1].keys() and any("threshold" in n for n in new[1])
+    for name in new[1]:
+        torch.testing.assert_close(new[1][name], old[1][name], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_an_input_quantizer_that_loses_its_moments_is_an_error():
+    from lr_quant.quant.activation import StochasticSignThresholdActPerChannelConst
+    from lr_quant.quant.threshold import attach_threshold
+
+    layer = LRQuantLinear(4, 3, input_quant=StochasticSignThresholdActPerChannelConst)
+    attach_threshold(layer.input_quant, 4, -1, "zero")
+    layer.train()
+    assert layer(torch.randn(5, 4)).shape == (5, 3)
+    # a hook that hands on the plain data (the moments' mean, not a sample) must not pass
+    layer.input_quant.register_forward_hook(
+        lambda mod, args, out: getattr(out, "value", out).plain())
+    with pytest.raises(RuntimeError, match="lost its moments"):
+        layer(torch.randn(5, 4))
