@@ -120,14 +120,40 @@ def lr_sample(
     dtype of `mean`. Pass `noise` to reuse a draw (e.g. for finite differences).
     """
     compute_dtype = torch.promote_types(mean.dtype, torch.float32)
-    # var >= 0 by construction (sums of non-negative products): no clamp, which would
-    # zero the gradient at var = 0.
-    std = torch.sqrt(var.to(compute_dtype) + eps)
     if noise is None:
         noise = randn_as(mean, compute_dtype, generator)
     elif noise.shape != mean.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != mean shape {tuple(mean.shape)}")
-    return torch.addcmul(mean.to(compute_dtype), std, noise).to(mean.dtype)
+    if noise.requires_grad:   # a caller differentiating through its own draw
+        std = torch.sqrt(var.to(compute_dtype) + eps)
+        return torch.addcmul(mean.to(compute_dtype), std, noise).to(mean.dtype)
+    return _GaussianSample.apply(mean, var, noise, eps)
+
+
+class _GaussianSample(torch.autograd.Function):
+    """z = m + sqrt(v + eps) e with dz/dm = 1, dz/dv = e / (2 sqrt(v + eps)). Saves v and e,
+    not the square root: v is the LR layer's own output (a moment-mode BatchNorm keeps it
+    anyway), and the root is rebuilt in the backward. var >= 0 by construction (sums of
+    non-negative products): no clamp, which would zero the gradient at v = 0."""
+
+    @staticmethod
+    def forward(ctx, mean: Tensor, var: Tensor, noise: Tensor, eps: float):
+        std = torch.sqrt(var.to(noise.dtype) + eps)
+        ctx.eps, ctx.dtypes = eps, (mean.dtype, var.dtype)
+        ctx.save_for_backward(var if ctx.needs_input_grad[1] else None, noise)
+        return torch.addcmul(mean.to(noise.dtype), std, noise).to(mean.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        var, noise = ctx.saved_tensors
+        mean_dtype, var_dtype = ctx.dtypes
+        grad_var = None
+        if ctx.needs_input_grad[1]:
+            g = grad.to(noise.dtype)
+            grad_var = (g * noise * (0.5 * torch.rsqrt(var.to(noise.dtype) + ctx.eps))
+                        ).sum_to_size(var.shape).to(var_dtype)
+        grad_mean = grad.to(mean_dtype) if ctx.needs_input_grad[0] else None
+        return grad_mean, grad_var, None, None
 
 
 def preactivation_snr(mean: Tensor, var: Tensor, channel_dim: int = 1) -> Tensor:

@@ -116,6 +116,37 @@ def test_sample_uses_given_noise_and_gradient_is_finite_at_zero_variance():
     torch.testing.assert_close(var.grad, noise / (2 * 1e-2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sample_gradients_equal_the_composed_ops_and_finite_differences(dtype):
+    """The sample node keeps v and e (not sqrt(v + eps)): its values and gradients are those
+    of m + sqrt(v + eps) e written out, for any input dtype (float32 compute), and of finite
+    differences; a broadcast v gets its gradient summed back."""
+    g = torch.Generator().manual_seed(0)
+    mean0 = torch.randn(5, 7, generator=g).to(dtype)
+    var0 = (torch.rand(5, 7, generator=g) + 0.01).to(dtype)
+    noise = torch.randn(5, 7, generator=g, dtype=torch.promote_types(dtype, torch.float32))
+    weight = torch.randn(5, 7, generator=g)
+    results = []
+    for node in (True, False):
+        mean, var = mean0.clone().requires_grad_(), var0.clone().requires_grad_()
+        if node:
+            z = lr_sample(mean, var, eps=1e-3, noise=noise)
+        else:
+            z = torch.addcmul(mean.to(noise.dtype), torch.sqrt(var.to(noise.dtype) + 1e-3),
+                              noise).to(dtype)
+        results.append((z,) + torch.autograd.grad((z.float() * weight).sum(), (mean, var)))
+    for a, b in zip(*results):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b)   # the dtype's tolerance (one rounding apart)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(
+            lambda m, v: lr_sample(m, v, eps=1e-3, noise=noise),
+            (mean0.clone().requires_grad_(), var0.clone().requires_grad_()))
+        v1 = torch.full((1, 7), 0.5, dtype=dtype, requires_grad=True)
+        lr_sample(mean0, v1, eps=0.0, noise=noise).sum().backward()
+        torch.testing.assert_close(v1.grad, (noise / (2 * 0.5 ** 0.5)).sum(0, keepdim=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_is_numerically_safe(dtype):
     """Large inputs (x^2 overflows float16 beyond 256) under CPU autocast."""
