@@ -182,7 +182,7 @@ class StochasticActQuant(_TolerateMissingKeys, nn.Module):
             mean = x.plain() if isinstance(x, MomentTensor) else x
             # a learned sigma_a is used as |sigma_a| (>= 1e-6): an optimizer step may cross 0
             sigma = self.noise_std.abs().clamp_min(1e-6)
-            var, eps = (sigma * sigma).expand_as(mean), 0.0
+            var, eps = sigma * sigma, 0.0   # a scalar: broadcast inside the node, no full pass
         else:
             eps = self.eps
         if self.reads_moments_only and self.propagate_moments:
