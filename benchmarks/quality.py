@@ -22,11 +22,14 @@ Protocol (the fairness rules):
   starts from the same FP file.
 - Methods use the packaged recipes (recipes/*.yaml, read at run time, so recipe changes
   are picked up): lr_w1 = resnet_w1 (depthwise-separable nets: mobilenet_w1), lr_w2 =
-  resnet_w2, lr_w1a1 = resnet_w1a1. The STE baseline of each is the *same* recipe with
-  every LR quantizer replaced by Brevitas' STE quantizer of the same precision
-  (lr_binary* -> brevitas_binary, lr_ternary* -> brevitas_ternary, stochastic_sign ->
-  ste_sign, stochastic_ternary -> ste_ternary) through `--set`: same epochs, optimizer,
-  schedule, distillation, data and learning-rate sweep.
+  resnet_w2, lr_w1a1 = resnet_w1a1_stochastic (the all-LR W1A1 recipe; the packaged W1A1
+  default resnet_w1a1 is its STE twin, which measured better). The STE baseline of each is
+  the *same* recipe with every LR quantizer replaced by Brevitas' STE quantizer of the same
+  precision (lr_binary* -> brevitas_binary, lr_ternary* -> brevitas_ternary,
+  stochastic_sign -> ste_sign, stochastic_ternary -> ste_ternary) through `--set`: same
+  epochs, optimizer, schedule, distillation, data and learning-rate sweep. A cached run
+  is named by its multiplier, not by the rates: after a recipe's rates change (resnet_w1a1
+  params_lr 1e-3 -> 3e-3 on 2026-12-01), move its older runs away.
 - Learning rate: the same sweep for every method: multipliers (default 0.3, 1, 3) applied
   to both train.logits_lr and train.params_lr of the method's recipe. For every (task,
   model, method, budget, seed) the multiplier with the best `frozen_val_accuracy` (a
@@ -110,13 +113,13 @@ METHODS = {
     "lr_w1": dict(label="LR W1", precision="W1", recipe="resnet_w1", depthwise="mobilenet_w1",
                   ste=False, cost=1.0),
     "lr_w2": dict(label="LR W2", precision="W2", recipe="resnet_w2", ste=False, cost=1.2),
-    "lr_w1a1": dict(label="LR W1A1", precision="W1A1", recipe="resnet_w1a1", ste=False,
-                    cost=1.3),
+    "lr_w1a1": dict(label="LR W1A1", precision="W1A1", recipe="resnet_w1a1_stochastic",
+                    ste=False, cost=1.3),
     "ste_w1": dict(label="STE W1", precision="W1", recipe="resnet_w1",
                    depthwise="mobilenet_w1", ste=True, cost=0.5),
     "ste_w2": dict(label="STE W2", precision="W2", recipe="resnet_w2", ste=True, cost=0.5),
-    "ste_w1a1": dict(label="STE W1A1", precision="W1A1", recipe="resnet_w1a1", ste=True,
-                     cost=0.5),
+    "ste_w1a1": dict(label="STE W1A1", precision="W1A1", recipe="resnet_w1a1_stochastic",
+                     ste=True, cost=0.5),
 }
 STE_OF = {"lr_binary": "brevitas_binary", "lr_binary_per_channel": "brevitas_binary",
           "lr_ternary": "brevitas_ternary", "lr_ternary_per_channel": "brevitas_ternary",

@@ -50,7 +50,7 @@ def test_pack_refuses_unfrozen_lr_layers():
         pack(model)
 
 
-@pytest.mark.parametrize("recipe,act_bits", [("resnet_w1a1", 1), ("resnet_w1a2", 16)])
+@pytest.mark.parametrize("recipe,act_bits", [("resnet_w1a1_stochastic", 1), ("resnet_w1a2", 16)])
 def test_packed_converted_resnet_with_quantized_activations(recipe, act_bits):
     """Sign inputs run the 1-bit activation kernels; ternary inputs keep their threshold +
     quantizer in front of the W1A16 kernel ({-1, 0, +1} x +-1 is exact in fp16)."""

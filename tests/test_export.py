@@ -613,7 +613,7 @@ def test_recipe_converted_resnet_w1a1_export(tmp_path):
     from lr_quant.convert import convert
     x = torch.randn(8, 3, 16, 16)
     model = convert(timm.create_model("resnet10t", pretrained=False, num_classes=10),
-                    "resnet_w1a1", example_input=x[:1])
+                    "resnet_w1a1_stochastic", example_input=x[:1])
     train_a_little(model, x, steps=2, loss="ce", lr=1e-2)
     freeze(model)
     reestimate_bn(model, x)

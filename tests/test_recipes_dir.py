@@ -14,7 +14,8 @@ from lr_quant.recipe import Recipe, load_recipe, recipe_dirs
 
 RECIPES_DIR = Path(lr_quant.__file__).resolve().parent.parent / "recipes"
 FILES = sorted(RECIPES_DIR.glob("*.yaml"))
-REQUIRED = {"quickstart", "resnet_w1", "resnet_w2", "resnet_w1a1", "resnet_w1a2",
+REQUIRED = {"quickstart", "resnet_w1", "resnet_w2", "resnet_w1a1", "resnet_w1a1_stochastic",
+            "resnet_w1a2",
             "mobilenet_w1", "finn_cnv_w1a1", "finn_resnet_w1a2"}
 
 

@@ -51,7 +51,7 @@ def _mode_inputs(model, x):
     return seen
 
 
-@pytest.mark.parametrize("recipe,target", [("resnet_w2", 4.0), ("resnet_w1a1", 4.0),
+@pytest.mark.parametrize("recipe,target", [("resnet_w2", 4.0), ("resnet_w1a1_stochastic", 4.0),
                                            ("resnet_w1", 30.0)])
 def test_each_layer_gets_the_smallest_gain_that_reaches_the_target(recipe, target):
     torch.manual_seed(0)

@@ -74,7 +74,7 @@ def test_table_lists_every_row_and_the_totals():
     assert model.training   # the mode is restored
 
 
-@pytest.mark.parametrize("recipe,bits", [("resnet_w1a1", 1), ("resnet_w1a2", 2)])
+@pytest.mark.parametrize("recipe,bits", [("resnet_w1a1_stochastic", 1), ("resnet_w1a2", 2)])
 def test_converted_layers_report_their_own_input_quantizer(recipe, bits):
     """A converted layer quantizes its input itself (input_quant): its input bits are the
     quantizer's (1 for the sign, 2 for ternary), not those of the float tensor it receives."""

@@ -1,5 +1,5 @@
 """W1A1 (and W1A2) on a real timm ResNet: LR binary weights + stochastic sign activations, converted
-with the packaged `resnet_w1a1`-style settings from a pretrained FP resnet10t (checkpoint
+with the packaged `resnet_w1a1_stochastic`-style settings from a pretrained FP resnet10t (checkpoint
 made here: 3 epochs on the offline digits at 16x16) and fine-tuned by lr_quant.train.
 
 Inside the BasicBlocks the ReLU feeding each sign is dropped and conv -> BN -> sign runs in

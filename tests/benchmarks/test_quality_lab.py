@@ -60,17 +60,30 @@ def test_write_imagefolder_layout_and_idempotence(lab, tmp_path):
 # -- methods -------------------------------------------------------------------------------
 def test_method_args_read_the_recipe_and_swap_lr_for_ste(lab):
     from lr_quant.recipe import load_recipe
+    from lr_quant.recipe_overrides import apply_overrides
 
     q, _ = lab
-    lr = load_recipe("resnet_w1a1").train
+    lr = load_recipe("resnet_w1a1_stochastic").train
     args = q.method_args("ste_w1a1", "resnet10t", 3.0)
-    assert args[:2] == ["-c", "resnet_w1a1"]
+    assert args[:2] == ["-c", "resnet_w1a1_stochastic"]
     assert float(args[args.index("--train.logits_lr") + 1]) == pytest.approx(3 * lr.logits_lr)
     assert float(args[args.index("--train.params_lr") + 1]) == pytest.approx(3 * lr.params_lr)
     sets = {args[i + 1] for i, a in enumerate(args) if a == "--set"}
     assert sets == {"weights.conv=brevitas_binary", "weights.depthwise=brevitas_binary",
                     "weights.linear=brevitas_binary", "activations.quantizer=ste_sign"}
     assert "--set" not in q.method_args("lr_w1a1", "resnet10t", 1.0)
+    # the packaged W1A1 default is exactly the STE twin the lab measures at x1
+    twin_args = q.method_args("ste_w1a1", "resnet10t", 1.0)
+    twin = apply_overrides("resnet_w1a1_stochastic", sets=[
+        twin_args[i + 1] for i, a in enumerate(twin_args) if a == "--set"] +
+        [f"train.params_lr={twin_args[twin_args.index('--train.params_lr') + 1]}"])
+    default = load_recipe("resnet_w1a1")
+    for part in ("weights", "keep_fp"):
+        assert getattr(twin, part) == getattr(default, part), part
+    for key in ("quantizer", "threshold_init", "drop_relu", "input_quantizer"):
+        assert getattr(twin.activations, key) == getattr(default.activations, key), key
+    for key in ("params_lr", "kd_weight", "kd_temperature", "optimizer", "schedule", "epochs"):
+        assert getattr(twin.train, key) == getattr(default.train, key), key
     # depthwise-separable nets: mobilenet_w1 (ternary depthwise) and its STE analogue
     mob = q.method_args("ste_w1", "mobilenetv2_050", 1.0)
     assert mob[:2] == ["-c", "mobilenet_w1"] and "weights.depthwise=brevitas_ternary" in mob

@@ -353,7 +353,7 @@ def test_w1a1_resnet_moments_reach_sign_inside_block(arch, dropped, kept_act):
     kwargs = {"layers": (1, 1, 1, 1)} if arch.startswith("resnext") else {}
     # timm zero-initializes the last BN of each block: a trained checkpoint does not
     model = pretend_trained(timm.create_model(arch, num_classes=10, **kwargs))
-    model, report = convert_with_report(model, "resnet_w1a1")
+    model, report = convert_with_report(model, "resnet_w1a1_stochastic")
     names = [n for n, _ in report.dropped_activations]
     for n in dropped:
         assert n in names and isinstance(model.get_submodule(n), nn.Identity)
@@ -437,7 +437,7 @@ def test_w1a2_resnet_ternary_activations_in_moment_mode_and_exact_export(tmp_pat
 def test_w1a1_noise_mode_on_any_graph(arch, size):
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=10)
-    model, report = convert_with_report(model, "resnet_w1a1")
+    model, report = convert_with_report(model, "resnet_w1a1_stochastic")
     x = torch.randn(2, 3, size, size)
     calibrate_thresholds(model, x)
     model.train()

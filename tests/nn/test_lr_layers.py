@@ -472,7 +472,7 @@ def _w1a_training_step(model, x, seed, reads_moments_only=True, monkeypatch=None
     return out.detach(), grads, before, after
 
 
-@pytest.mark.parametrize("recipe", ["resnet_w1a1", "resnet_w1a2"])
+@pytest.mark.parametrize("recipe", ["resnet_w1a1_stochastic", "resnet_w1a2"])
 def test_input_quantizer_read_for_moments_only_draws_nothing_and_changes_nothing(
         recipe, monkeypatch):
     """An LR layer reads its stochastic input quantizer's moments only, so that quantizer

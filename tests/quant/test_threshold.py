@@ -161,7 +161,7 @@ def test_binary_balance_degenerate_moves_a_constant_sign():
 def test_calibrate_thresholds_balances_relu_inputs_and_restores_bn():
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10)
-    model, _ = convert_with_report(model, "resnet_w1a1")
+    model, _ = convert_with_report(model, "resnet_w1a1_stochastic")
     bn = model.layer1[0].bn1
     before = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
     x = torch.randn(8, 3, 32, 32)

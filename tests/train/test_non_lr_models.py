@@ -19,9 +19,12 @@ STE_A1 = ["--set", "activations.quantizer=ste_sign", "--set", "activations.drop_
           "--set", "activations.threshold_init=median"]
 # one epoch of 6 steps on 15% of the digits (16x16); sampled_networks stays at the
 # recipe's 2, which a model without LR layers ignores
-ONE_EPOCH = ["-c", "quickstart", "--train.epochs", "1", "--data.train_fraction", "0.15",
-             "--train.batch_size", "32", "--train.bn_reestimate_batches", "2",
-             "--train.val_fraction", "0.05", "--no-progress"]
+SHORT = ["--train.epochs", "1", "--data.train_fraction", "0.15", "--train.batch_size", "32",
+         "--train.bn_reestimate_batches", "2", "--train.val_fraction", "0.05", "--no-progress"]
+ONE_EPOCH = ["-c", "quickstart", *SHORT]
+# the packaged W1A1 default (STE weights and signs) on the quick start's model and data
+PACKAGED_W1A1 = ["-c", "resnet_w1a1", "--model.name", "resnet10t", "--model.num_classes", "10",
+                 "--data.dataset", "digits", "--data.image_size", "16", *SHORT]
 
 
 def run(argv, capsys):
@@ -31,16 +34,17 @@ def run(argv, capsys):
 
 
 @pytest.mark.parametrize("flags, bipolar_nodes", [
-    (STE_W1, 13),            # 13 binary conv weights (first conv and fc stay float)
-    (STE_W1 + STE_A1, 26),   # + 13 sign activations
-], ids=["STE-W1", "STE-W1A1"])
+    (ONE_EPOCH + STE_W1, 13),            # 13 binary conv weights (first conv and fc float)
+    (ONE_EPOCH + STE_W1 + STE_A1, 26),   # + 13 sign activations
+    (PACKAGED_W1A1, 26),                 # recipes/resnet_w1a1.yaml: the same, as shipped
+], ids=["STE-W1", "STE-W1A1", "resnet_w1a1"])
 def test_ste_recipe_trains_evaluates_and_exports(flags, bipolar_nodes, tmp_path, fp_weights,
                                                 capsys):
     out = tmp_path / "run"
     rc, stdout, err = run(["train", "--output", out, "--model.checkpoint", fp_weights,
-                           *ONE_EPOCH, *flags], capsys)
+                           *flags], capsys)
     assert rc == 0, err
-    assert "sampled_networks=2 ignored" in stdout
+    assert ("sampled_networks=2 ignored" in stdout) == ("quickstart" in flags)
     assert "trained, BN re-estimated" in stdout and "LR trained" not in stdout
     for name in ("final.safetensors", "metrics.json", "checkpoint.safetensors", "history.csv"):
         assert (out / name).stat().st_size > 0, name
