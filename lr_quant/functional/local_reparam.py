@@ -40,7 +40,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._random import randn_as
+from .._random import randn_replayable
 from .recompute import recompute_saved
 
 __all__ = ["LinearOp", "lr_moments", "lr_sample", "preactivation_snr", "DEFAULT_EPS"]
@@ -120,32 +120,41 @@ def lr_sample(
     dtype of `mean`. Pass `noise` to reuse a draw (e.g. for finite differences).
     """
     compute_dtype = torch.promote_types(mean.dtype, torch.float32)
+    replay = None
     if noise is None:
-        noise = randn_as(mean, compute_dtype, generator)
+        noise, replay = randn_replayable(mean, compute_dtype, generator)
     elif noise.shape != mean.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != mean shape {tuple(mean.shape)}")
     if noise.requires_grad:   # a caller differentiating through its own draw
         std = torch.sqrt(var.to(compute_dtype) + eps)
         return torch.addcmul(mean.to(compute_dtype), std, noise).to(mean.dtype)
-    return _GaussianSample.apply(mean, var, noise, eps)
+    return _GaussianSample.apply(mean, var, noise, eps, replay)
 
 
 class _GaussianSample(torch.autograd.Function):
-    """z = m + sqrt(v + eps) e with dz/dm = 1, dz/dv = e / (2 sqrt(v + eps)). Saves v and e,
-    not the square root: v is the LR layer's own output (a moment-mode BatchNorm keeps it
-    anyway), and the root is rebuilt in the backward. var >= 0 by construction (sums of
-    non-negative products): no clamp, which would zero the gradient at v = 0."""
+    """z = m + sqrt(v + eps) e with dz/dm = 1, dz/dv = e / (2 sqrt(v + eps)). Saves v and,
+    for e, the generator state it was drawn from when ``replay`` is given (the backward draws
+    e again, bit for bit; else e itself); not the square root: v is the LR layer's own
+    output (a moment-mode BatchNorm keeps it anyway), and the root is rebuilt in the
+    backward. var >= 0 by construction (sums of non-negative products): no clamp, which
+    would zero the gradient at v = 0."""
 
     @staticmethod
-    def forward(ctx, mean: Tensor, var: Tensor, noise: Tensor, eps: float):
+    def forward(ctx, mean: Tensor, var: Tensor, noise: Tensor, eps: float,
+                replay: Optional[Callable[[], Tensor]] = None):
         std = torch.sqrt(var.to(noise.dtype) + eps)
         ctx.eps, ctx.dtypes = eps, (mean.dtype, var.dtype)
-        ctx.save_for_backward(var if ctx.needs_input_grad[1] else None, noise)
+        needs_var = ctx.needs_input_grad[1]
+        ctx.replay = replay if needs_var else None
+        ctx.save_for_backward(var if needs_var else None,
+                              noise if needs_var and replay is None else None)
         return torch.addcmul(mean.to(noise.dtype), std, noise).to(mean.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         var, noise = ctx.saved_tensors
+        if ctx.replay is not None:
+            noise = ctx.replay()
         mean_dtype, var_dtype = ctx.dtypes
         grad_var = None
         if ctx.needs_input_grad[1]:
@@ -153,7 +162,7 @@ class _GaussianSample(torch.autograd.Function):
             grad_var = (g * noise * (0.5 * torch.rsqrt(var.to(noise.dtype) + ctx.eps))
                         ).sum_to_size(var.shape).to(var_dtype)
         grad_mean = grad.to(mean_dtype) if ctx.needs_input_grad[0] else None
-        return grad_mean, grad_var, None, None
+        return grad_mean, grad_var, None, None, None
 
 
 def preactivation_snr(mean: Tensor, var: Tensor, channel_dim: int = 1) -> Tensor:

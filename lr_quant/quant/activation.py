@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from brevitas.core.bit_width import BitWidthConst
+from brevitas.core.scaling import ConstScaling
 from brevitas.core.utils import StatelessBuffer
 from brevitas.function.ops_ste import binary_sign_ste, round_ste
 from brevitas.inject import ExtendedInjector
@@ -209,12 +210,26 @@ class StochasticActQuant(_TolerateMissingKeys, nn.Module):
     def _deterministic(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _is_unit_scale(self, scale: Tensor) -> bool:
+        """True for Brevitas' constant scale 1 (the FINN form): y * 1 = y, and the
+        multiply would cost three passes over a MomentTensor (sample, mean, variance) and a
+        second saved copy of E[y]. Read once (a constant module: no device sync after)."""
+        unit = self.__dict__.get("_unit_scale")
+        if unit is None:
+            unit = (isinstance(self.scaling_impl, ConstScaling) and not scale.requires_grad
+                    and bool((scale == 1).all()))
+            self._unit_scale = unit
+        return unit
+
     def forward(self, x: Tensor):
         scale = self.scaling_impl(x)
-        if not self.SCALE_INVARIANT:
+        unit = self.training and self._is_unit_scale(scale)
+        if not (self.SCALE_INVARIANT or unit):
             x = x / scale
         if self.training:
-            y = self._training_sample(x) * scale
+            y = self._training_sample(x)
+            if not unit:
+                y = y * scale
         else:
             if isinstance(x, MomentTensor):
                 x = x.plain()

@@ -207,3 +207,31 @@ def test_preactivation_snr_channel_dim_and_bad_input():
         preactivation_snr(mean, var[:, :1])
     with pytest.raises(ValueError, match="two samples"):
         preactivation_snr(mean[:1], var[:1], channel_dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_keeps_a_generator_state_not_the_noise(dtype):
+    """An own draw is kept as the generator state it came from: the backward draws it again,
+    so autograd saves v alone (no activation-sized noise), and values and gradients are
+    exactly those of the same draw passed in as `noise`."""
+    g = torch.Generator().manual_seed(0)
+    mean0 = torch.randn(4, 6, 5, generator=g).to(dtype)
+    var0 = (torch.rand(4, 6, 5, generator=g) + 0.01).to(dtype)
+    weight = torch.randn(4, 6, 5, generator=g)
+    results = []
+    for own_draw in (True, False):
+        mean, var = mean0.clone().requires_grad_(), var0.clone().requires_grad_()
+        torch.manual_seed(3)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            if own_draw:
+                z = lr_sample(mean, var, eps=1e-3)
+            else:
+                z = lr_sample(mean, var, eps=1e-3, noise=torch.randn(4, 6, 5))
+        torch.manual_seed(99)   # the backward's replay must not depend on the global stream
+        results.append((z,) + torch.autograd.grad((z.float() * weight).sum(), (mean, var)))
+        if own_draw:
+            assert len(saved) == 1 and saved[0] is var
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -538,3 +538,42 @@ def test_unsigned_ternary_is_the_signed_ternary_plus_one(name, tmp_path):
 def test_unsigned_ternary_refuses_a_quantizer_that_is_not_ternary():
     with pytest.raises(TypeError, match="not a 2-bit narrow ternary"):
         unsigned_ternary_injector(StochasticSignActPerTensorConst)
+
+
+@pytest.mark.parametrize("injector", [StochasticSignActPerTensorConst,
+                                      StochasticTernaryActPerTensorConst])
+def test_constant_scale_one_skips_the_multiply_and_other_scales_still_apply(injector):
+    """Scale 1 (the FINN form): the training output is the quantizer's own draw, unscaled (a
+    multiply by 1 would copy sample, mean and variance: three passes, and a second copy of
+    E[y] kept by the next layer). A constant scale 2 quantizes x / 2 (ternary; the sign is
+    scale invariant) and gives 2x the sample and mean, 4x the variance, from the same draw."""
+    m = 3.0 * torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    v = torch.rand(64, 8, generator=torch.Generator().manual_seed(1)) + 0.1
+    outputs = {}
+    for scale in (1.0, 2.0):
+        quant = QuantIdentity(act_quant=injector.let(min_val=-scale, max_val=scale),
+                              return_quant_tensor=False)
+        quant.train()
+        tensor_quant = quant.act_quant.fused_activation_quant_proxy.tensor_quant
+        drawn, returned = [], []
+        draw = tensor_quant._training_sample
+        tensor_quant._training_sample = lambda t: drawn.append(draw(t)) or drawn[-1]
+        hook = tensor_quant.register_forward_hook(lambda mod, a, out: returned.append(out[0]))
+        torch.manual_seed(2)
+        x = MomentTensor.from_moments(m.clone(), v.clone(), sample=m.clone())
+        outputs[scale] = quant(x)
+        hook.remove()
+        assert isinstance(outputs[scale], MomentTensor) and has_moments(outputs[scale])
+        # scale 1: what the quantizer returns is its draw itself, not a product with 1
+        assert (returned[0] is drawn[0]) == (scale == 1.0)
+    # the oracle: the unit quantizer on x / 2, times 2 (sign: on x, times 2)
+    quant = QuantIdentity(act_quant=injector, return_quant_tensor=False)
+    quant.train()
+    divisor = 1.0 if injector is StochasticSignActPerTensorConst else 2.0
+    torch.manual_seed(2)
+    x = MomentTensor.from_moments(m / divisor, v / divisor ** 2, sample=m / divisor)
+    reference = quant(x)
+    scaled = outputs[2.0]
+    torch.testing.assert_close(scaled.plain(), 2.0 * reference.plain())
+    torch.testing.assert_close(scaled.moment_mean, 2.0 * reference.moment_mean)
+    torch.testing.assert_close(scaled.moment_var, 4.0 * reference.moment_var)
