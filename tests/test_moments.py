@@ -248,3 +248,98 @@ def test_in_place_write_through_a_view_invalidates_moments():
     assert has_moments(y)
     y.view(6).mul_(2.0)   # a view's in-place op updates the view only: the base is stale
     assert not has_moments(y)
+
+
+# -- deferred samples (MomentTensor.deferred) ---------------------------------------------------
+
+def _deferred(mean, var, eps=0.0):
+    return MomentTensor.deferred(mean.clone().requires_grad_(), var.clone().requires_grad_(), eps)
+
+
+def test_deferred_moments_follow_affine_ops_without_a_draw_and_one_sample_is_drawn_on_read():
+    """Affine ops and metadata reads keep the sample undrawn (the generator does not move);
+    the first op that reads the data draws N(m, v + eps) in place (Monte Carlo), every later
+    reader sees that one sample, and gradients reach both moments through it."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(8, generator=g).expand(R, 8).contiguous()
+    var = (torch.rand(8, generator=g) + 0.1).expand(R, 8).contiguous()
+    x = _deferred(mean, var, eps=0.05)
+    shift = torch.randn(8, generator=g)
+    state = torch.get_rng_state()
+    y = -(2.0 * x - shift)
+    y += 1.0
+    assert isinstance(y, MomentTensor) and y.is_deferred and x.is_deferred
+    assert y.shape == x.shape and y.dim() == 2 and y.dtype == x.dtype and y.numel() == 8 * R
+    assert torch.zeros(1).type_as(y).dtype == y.dtype
+    assert torch.equal(torch.get_rng_state(), state)          # nothing drawn so far
+    torch.testing.assert_close(y.moment_mean, -(2.0 * x.moment_mean - shift) + 1.0)
+    torch.testing.assert_close(y.moment_var, 4.0 * x.moment_var)
+    first = F.relu(y)                                         # reads the data: draws y
+    assert not y.is_deferred and x.is_deferred and has_moments(y)
+    _mc_check(y.plain(), y.moment_mean[0], y.moment_var[0] + 0.05)   # eps: a floor
+    assert torch.equal(F.relu(y), first) and torch.equal(y.plain().clamp(min=0), first)
+    # d sample / d m = 1 and d sample / d v = e / (2 sqrt(v + eps)), e the draw's noise
+    x2 = _deferred(mean[:4], var[:4], eps=0.05)
+    assert "deferred" in repr(x2)
+    sample = x2.plain()                                       # plain() reads the data too
+    assert not x2.is_deferred
+    sample.sum().backward()
+    noise = (sample.detach() - mean[:4]) / (var[:4] + 0.05).sqrt()
+    torch.testing.assert_close(x2.moment_mean.grad, torch.ones_like(noise))
+    torch.testing.assert_close(x2.moment_var.grad, noise / (2 * (var[:4] + 0.05).sqrt()))
+
+
+def test_deferred_mixed_with_a_drawn_moment_tensor_is_drawn_first():
+    m, v = torch.randn(5, 3), torch.rand(5, 3)
+    x, drawn = _deferred(m, v), MomentTensor.from_moments(m, v)
+    out = x + drawn
+    assert not x.is_deferred and has_moments(out) and not out.is_deferred
+    torch.testing.assert_close(out.plain(), x.plain() + drawn.plain())
+    torch.testing.assert_close(out.moment_var, 2 * v)
+
+
+def test_unhandled_in_place_op_on_a_deferred_tensor_draws_it_then_applies():
+    x = _deferred(torch.randn(6, 4), torch.rand(6, 4))
+    x.relu_()
+    assert not x.is_deferred and not has_moments(x)           # mutated: moments invalid
+    assert (x.plain() >= 0).all() and (x.plain() == 0).any()
+
+
+def test_deferred_batch_norm_uses_the_law_of_total_variance():
+    """Training BatchNorm of N(m_i, v_i) without a sample: mu_B = mean_i m_i and
+    var_B = var_i m_i + mean_i v_i (the population statistics of the random tensor: the
+    batch statistics of many samples converge to them), running statistics updated as
+    F.batch_norm does (momentum, n / (n - 1)); eval uses the running statistics."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1
+    v = torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64) + 0.5
+    bn = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -2.0, 1.5]))
+        bn.bias.copy_(torch.tensor([0.1, 0.0, -1.0]))
+    x = _deferred(m, v)
+    y = bn.train()(x)
+    assert isinstance(y, MomentTensor) and y.is_deferred
+    dims = (0, 2, 3)
+    mu = m.mean(dims)
+    var_b = ((m - mu.view(1, -1, 1, 1)) ** 2).mean(dims) + v.mean(dims)
+    k = bn.weight.detach() / (var_b + bn.eps).sqrt()
+    torch.testing.assert_close(y.moment_mean, (m - mu.view(1, -1, 1, 1)) * k.view(1, -1, 1, 1)
+                               + bn.bias.detach().view(1, -1, 1, 1))
+    torch.testing.assert_close(y.moment_var, v * (k * k).view(1, -1, 1, 1))
+    n = 6 * 4 * 4
+    torch.testing.assert_close(bn.running_mean, 0.1 * mu)
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * var_b * n / (n - 1))
+    # the statistics of samples of x estimate exactly these
+    samples = m + v.sqrt() * torch.randn(4000, *m.shape, generator=g, dtype=torch.float64)
+    emp = samples.transpose(1, 2).reshape(4000, 3, -1)
+    torch.testing.assert_close(emp.var(2, unbiased=False).mean(0), var_b, rtol=0.02, atol=0)
+    # gradients reach the moments and the affine parameters
+    (y.moment_mean * torch.randn_like(m) + y.moment_var).sum().backward()
+    assert x.moment_mean.grad.abs().sum() > 0 and bn.weight.grad.abs().sum() > 0
+    # eval: the running statistics' affine map, still no sample
+    x = _deferred(m, v)
+    y = bn.eval()(x)
+    assert y.is_deferred
+    k = bn.weight.detach() / (bn.running_var + bn.eps).sqrt()
+    torch.testing.assert_close(y.moment_var, v * (k * k).view(1, -1, 1, 1))

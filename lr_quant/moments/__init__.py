@@ -12,16 +12,29 @@ BatchNorm, residual add, pooling, reshapes ...), so the moments travel *with* th
 Contract
 --------
 ``MomentTensor`` is a ``torch.Tensor`` subclass whose **data is a reparameterized sample**
-(``mean + sqrt(var) * N(0, 1)`` unless the producer passes its own sample), so any op
-that does not know about moments still receives a valid stochastic tensor. It carries
+(``mean + sqrt(var) * N(0, 1)`` unless the producer passes its own sample; a *deferred*
+one draws it when first read, below), so any op that does not know about moments still
+receives a valid stochastic tensor. It carries
 
     x.moment_mean   tensor of x.shape, differentiable (or None once invalidated)
     x.moment_var    tensor of x.shape, >= 0, differentiable (or None once invalidated)
 
-- Producer (an LR layer in training):
-  ``return MomentTensor.from_moments(m, v, sample=m + sqrt(v + eps) * e)``.
+- Producer (an LR layer in training): ``return MomentTensor.deferred(m, v, eps)``, the
+  sample not drawn yet (or ``MomentTensor.from_moments(m, v, sample=...)`` with one).
 - Consumer (an LR layer, a stochastic sign): ``mean, var = split_moments(x)``;
   ``var is None`` means a deterministic input (``mean`` is then x itself).
+
+Deferred samples: where only moments are read (LR -> BatchNorm -> threshold -> sign ->
+LR, the W1A1 path), a sample, its noise, BatchNorm on it and autograd's copies of them
+are waste. A deferred MomentTensor carries (m, v) and an uninitialized placeholder; the
+ops in ``DEFERRED_RULES`` (the affine arithmetic below and ``F.batch_norm``) map the
+moments and return deferred results, metadata reads (shape, dtype, ``type_as`` ...) answer
+from the placeholder, and any other op first draws the sample in place
+(``materialize_``: m + sqrt(v + eps) e, once, so all its readers share it), then runs as
+below. Drawing late is the same distribution under the independence assumptions below;
+in training, BatchNorm of a deferred input takes the random tensor's statistics by the law
+of total variance, mu_B = mean_i m_i, var_B = var_i m_i + mean_i v_i (what a sample's
+batch statistics estimate), instead of one sample's.
 
 Moment-preserving ops (implemented in ``__torch_function__``; the sample follows the op
 exactly as on a plain tensor, the moments follow the rules below):
@@ -37,8 +50,9 @@ exactly as on a plain tensor, the moments follow the rules below):
 - ``add``/``sub``/``mul`` of two MomentTensors, assumed independent (the standard LR-net
   approximation; a residual branch and its shortcut are correlated in truth):
   means add, variances add; products use Var = va vb + va mb^2 + vb ma^2.
-- ``F.batch_norm`` in eval (running statistics: an affine map per channel) and in training:
-  the data is normalized by ``F.batch_norm`` with the batch statistics of the *sample*
+- ``F.batch_norm`` in eval (running statistics: an affine map per channel) and in training
+  (a drawn input; deferred: above): the data is normalized by ``F.batch_norm`` with the
+  batch statistics of the *sample*
   (mu_B, var_B, what F.batch_norm computes on the data) and the moments go through the same
   affine map: m' = (m - mu_B) w / sqrt(var_B + eps) + b, v' = v w^2 / (var_B + eps).
 - ``avg_pool2d``/``avg_pool3d`` (any padding, ``ceil_mode``, ``count_include_pad``,
@@ -74,9 +88,10 @@ Autograd flows from the sample and from both moments; ``torch.no_grad`` works as
 from __future__ import annotations
 
 from . import arithmetic, norm_pool, shape_ops  # noqa: F401  (register the handlers)
-from .tensor import HANDLERS, MomentTensor, has_moments, split_moments
+from .tensor import DEFERRED_RULES, HANDLERS, MomentTensor, has_moments, split_moments
 
-__all__ = ["MomentTensor", "split_moments", "has_moments", "MOMENT_PRESERVING_OPS"]
+__all__ = ["MomentTensor", "split_moments", "has_moments", "MOMENT_PRESERVING_OPS",
+           "DEFERRED_RULES"]
 
 #: the functions whose results keep the moments (for documentation and tests)
 MOMENT_PRESERVING_OPS = frozenset(HANDLERS)

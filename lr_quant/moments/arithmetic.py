@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .tensor import NOT_HANDLED, MomentTensor, _disabled, _wrap, has_moments, register
+from .tensor import (NOT_HANDLED, MomentTensor, _disabled, _wrap, has_moments, register,
+                     register_deferred)
 
 
 def _is_constant(c: Any, ref: Tensor) -> bool:
@@ -51,18 +52,25 @@ def _affine_moments(op: str, a, b, alpha=1):
     raise AssertionError(op)
 
 
-def _make_binary_handler(op: str, reflected: bool = False, inplace: bool = False):
-    def handler(func, args, kwargs):
-        if len(args) < 2:
-            return NOT_HANDLED
+def _binary_rule(op: str, reflected: bool = False):
+    """rule(func, args, kwargs) -> (mean, var) of ``args[0] op args[1]`` or None."""
+    def rule(func, args, kwargs):
+        if len(args) < 2 or set(kwargs) - {"alpha"}:
+            return None   # e.g. div(rounding_mode=...), out=...
         x, y = args[0], args[1]
-        if set(kwargs) - {"alpha"}:
-            return NOT_HANDLED   # e.g. div(rounding_mode=...), out=...
-        alpha = kwargs.get("alpha", 1)
         a, b = (y, x) if reflected else (x, y)
-        mom = _affine_moments(op, a, b, alpha)
+        return _affine_moments(op, a, b, kwargs.get("alpha", 1))
+    return rule
+
+
+def _make_binary_handler(op: str, reflected: bool = False, inplace: bool = False):
+    rule = _binary_rule(op, reflected)
+
+    def handler(func, args, kwargs):
+        mom = rule(func, args, kwargs)
         if mom is None:
             return NOT_HANDLED
+        x = args[0]
         if inplace:
             if not has_moments(x):
                 return NOT_HANDLED
@@ -89,9 +97,10 @@ for _op, _funcs in {
                 T.__truediv__, T.__div__ if hasattr(T, "__div__") else None),
 }.items():
     register(*_funcs)(_make_binary_handler(_op))
-register(T.__radd__)(_make_binary_handler("add", reflected=True))
-register(T.__rsub__)(_make_binary_handler("sub", reflected=True))
-register(T.__rmul__)(_make_binary_handler("mul", reflected=True))
+    register_deferred(*_funcs)(_binary_rule(_op))
+for _op, _func in {"add": T.__radd__, "sub": T.__rsub__, "mul": T.__rmul__}.items():
+    register(_func)(_make_binary_handler(_op, reflected=True))
+    register_deferred(_func)(_binary_rule(_op, reflected=True))
 for _op, _funcs in {
         "add": (T.add_, T.__iadd__),
         "sub": (T.sub_, T.subtract_, T.__isub__),
@@ -99,12 +108,25 @@ for _op, _funcs in {
         "div": (T.div_, T.divide_, T.true_divide_, T.__itruediv__),
 }.items():
     register(*_funcs)(_make_binary_handler(_op, inplace=True))
+    register_deferred(*_funcs, inplace=True)(_binary_rule(_op))
 
 
-@register(torch.neg, torch.negative, T.neg, T.negative, T.__neg__)
-def _neg(func, args, kwargs):
+_NEG = (torch.neg, torch.negative, T.neg, T.negative, T.__neg__)
+
+
+@register_deferred(*_NEG)
+def _neg_rule(func, args, kwargs):
     x = args[0]
     if not has_moments(x) or kwargs:
+        return None
+    with _disabled():
+        return -x.moment_mean, x.moment_var
+
+
+@register(*_NEG)
+def _neg(func, args, kwargs):
+    mom = _neg_rule(func, args, kwargs)
+    if mom is None:
         return NOT_HANDLED
     with _disabled():
-        return _wrap(func(*args), -x.moment_mean, x.moment_var)
+        return _wrap(func(*args), *mom)

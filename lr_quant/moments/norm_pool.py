@@ -4,45 +4,99 @@ reductions (elements of a window assumed independent: variances pooled with 1/n^
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tensor import NOT_HANDLED, _disabled, _has_any_moments, _wrap, has_moments, register
+from .tensor import (NOT_HANDLED, _disabled, _has_any_moments, _wrap, has_moments, register,
+                     register_deferred)
 
 T = Tensor
 
 
+_BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+
+
+def _bn_affine(mean: Tensor, var: Tensor, mu: Tensor, var_b: Tensor, weight, bias, eps: float,
+               centered: Optional[Tensor] = None):
+    """BatchNorm's per-channel affine map y = (x - mu) w / sqrt(var_b + eps) + b on the
+    moments: m' = (m - mu) k + b, v' = v k^2 with k = w / sqrt(var_b + eps) (`centered`:
+    m - mu if the caller has it)."""
+    shape = [1, -1] + [1] * (mean.dim() - 2)
+    scale = torch.rsqrt(var_b + eps)
+    if weight is not None:
+        scale = scale * weight
+    if centered is None:
+        centered = mean - mu.view(shape)
+    out_mean = centered * scale.view(shape)
+    if bias is not None:
+        out_mean = out_mean + bias.view(shape)
+    return out_mean, var * (scale * scale).view(shape)
+
+
 @register(F.batch_norm)
 def _batch_norm(func, args, kwargs):
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training",
-             "momentum", "eps")
-    b = dict(zip(names, args))
+    b = dict(zip(_BN_NAMES, args))
     b.update(kwargs)
     x = b["input"]
     if not has_moments(x) or _has_any_moments(b.get("weight"), b.get("bias")):
         return NOT_HANDLED
-    training = b.get("training", False)
-    eps = b.get("eps", 1e-5)
-    weight, bias = b.get("weight"), b.get("bias")
     rm, rv = b.get("running_mean"), b.get("running_var")
     with _disabled():
         data = func(*args, **kwargs)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        if training or rm is None or rv is None:
+        if b.get("training", False) or rm is None or rv is None:
             dims = [d for d in range(x.dim()) if d != 1]
             var_b, mu = torch.var_mean(x, dim=dims, correction=0)   # one pass
         else:
             mu, var_b = rm, rv
-        scale = torch.rsqrt(var_b + eps)
-        if weight is not None:
-            scale = scale * weight
-        mean = (x.moment_mean - mu.view(shape)) * scale.view(shape)
-        if bias is not None:
-            mean = mean + bias.view(shape)
-        var = x.moment_var * (scale * scale).view(shape)
+        mean, var = _bn_affine(x.moment_mean, x.moment_var, mu, var_b, b.get("weight"),
+                               b.get("bias"), b.get("eps", 1e-5))
     return _wrap(data, mean, var)
+
+
+@register_deferred(F.batch_norm)
+def _batch_norm_deferred(func, args, kwargs):
+    """BatchNorm of a deferred MomentTensor (no sample drawn): in training, the batch
+    statistics are those of the random tensor, by the law of total variance over the
+    batch's positions i: mu_B = mean_i(m_i), var_B = var_i(m_i) + mean_i(v_i) (what the
+    statistics of a sample estimate); the running statistics move toward them as
+    F.batch_norm moves them (momentum, unbiased variance n / (n - 1))."""
+    b = dict(zip(_BN_NAMES, args))
+    b.update(kwargs)
+    x = b["input"]
+    if _has_any_moments(b.get("weight"), b.get("bias")):
+        return None
+    rm, rv = b.get("running_mean"), b.get("running_var")
+    with _disabled():
+        mean, var = x.moment_mean, x.moment_var
+        if b.get("training", False) or rm is None or rv is None:
+            dims = [d for d in range(mean.dim()) if d != 1]
+            n = mean.numel() // mean.shape[1]
+            # sums scaled by 1/n on the per-channel vectors: their backward is an expand,
+            # where mean()'s divides the whole gradient
+            mu = mean.sum(dim=dims) * (1.0 / n)
+            # var_i(m_i) from the centered m - mu, which the affine map keeps for its
+            # backward anyway (var_mean would keep m as well)
+            centered = mean - mu.view([1, -1] + [1] * (mean.dim() - 2))
+            var_b = ((centered * centered).sum(dim=dims) + var.sum(dim=dims)) * (1.0 / n)
+            if b.get("training", False) and rm is not None and rv is not None:
+                if n < 2:
+                    raise ValueError(
+                        f"Expected more than 1 value per channel when training, got input "
+                        f"size {list(mean.shape)}")
+                momentum = b.get("momentum", 0.1)
+                momentum = 0.1 if momentum is None else float(momentum)
+                with torch.no_grad():
+                    rm.mul_(1 - momentum).add_(mu.detach().to(rm.dtype), alpha=momentum)
+                    rv.mul_(1 - momentum).add_(var_b.detach().to(rv.dtype) * (n / (n - 1)),
+                                               alpha=momentum)
+        else:
+            mu, var_b, centered = rm, rv, None
+        return _bn_affine(mean, var, mu, var_b, b.get("weight"), b.get("bias"),
+                          b.get("eps", 1e-5), centered)
 
 
 # --- pooling and reductions ----------------------------------------------------------

@@ -1,9 +1,9 @@
 """``MomentTensor``: a sample that carries its elementwise Gaussian mean and variance, and
-the handler table its ``__torch_function__`` consults (see the package docstring)."""
+the handler tables its ``__torch_function__`` consults (see the package docstring)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -11,12 +11,26 @@ from torch.utils._pytree import tree_flatten
 
 from .._random import randn_as
 
-__all__ = ["MomentTensor", "split_moments", "has_moments", "register", "HANDLERS"]
+__all__ = ["MomentTensor", "split_moments", "has_moments", "register", "register_deferred",
+           "HANDLERS", "DEFERRED_RULES"]
 
 _Handler = Callable[[Callable, tuple, dict], Any]
 HANDLERS: Dict[Callable, _Handler] = {}
 #: a handler's answer for "not moment-preserving with these arguments"
 NOT_HANDLED = object()
+#: ops a *deferred* MomentTensor goes through without drawing its sample:
+#: func -> (rule(func, args, kwargs) -> (mean, var) or None, in place?)
+_Rule = Callable[[Callable, tuple, dict], Optional[Tuple[Tensor, Tensor]]]
+DEFERRED_RULES: Dict[Callable, Tuple[_Rule, bool]] = {}
+#: metadata reads a deferred MomentTensor answers from its placeholder (no sample needed)
+_METADATA = frozenset(f for f in (
+    Tensor.dim, Tensor.ndimension, Tensor.size, Tensor.numel, Tensor.nelement, Tensor.stride,
+    Tensor.is_contiguous, Tensor.is_floating_point, Tensor.is_complex, Tensor.element_size,
+    Tensor.get_device, Tensor.__len__, Tensor.shape.__get__, Tensor.ndim.__get__,
+    Tensor.dtype.__get__, Tensor.device.__get__, Tensor.layout.__get__,
+    Tensor.is_cuda.__get__, Tensor.is_meta.__get__, Tensor.is_sparse.__get__,
+    Tensor.is_quantized.__get__, Tensor.is_nested.__get__, torch.is_floating_point,
+    torch.numel) if f is not None)
 
 
 def _disabled():
@@ -71,6 +85,8 @@ class MomentTensor(Tensor):
     _mm: Optional[Tensor] = None
     _mv: Optional[Tensor] = None
     _moment_version: int = -2
+    #: eps of the sample sqrt(var + eps) not drawn yet (see :meth:`deferred`); None: drawn
+    _deferred_eps: Optional[float] = None
 
     def _set_moments(self, mean: Optional[Tensor], var: Optional[Tensor]) -> None:
         self._mm, self._mv = mean, var
@@ -119,16 +135,58 @@ class MomentTensor(Tensor):
                 f"sample shape {tuple(sample.shape)} != moment shape {tuple(mean.shape)}")
         return _wrap(sample, mean, var)
 
+    @classmethod
+    def deferred(cls, mean: Tensor, var: Tensor, eps: float = 0.0) -> "MomentTensor":
+        """The moments N(mean, var) with the sample not drawn yet (an LR layer's output in
+        training; its ``eps`` is the layer's, sample = mean + sqrt(var + eps) e).
+
+        Ops in :data:`DEFERRED_RULES` (affine arithmetic, BatchNorm) map the moments and
+        return deferred results: the sample, its noise and their passes are skipped where
+        only moments are read (an LR layer, a stochastic sign). The first op that reads the
+        data draws it in place (:meth:`materialize_`): every reader of this tensor sees one
+        sample. The data is an uninitialized placeholder until then. No validation (hot
+        path): var >= 0 and equal shapes are the producer's guarantee."""
+        with _disabled():
+            placeholder = torch.empty_like(mean, memory_format=torch.contiguous_format)
+            out = placeholder.as_subclass(cls)
+        out._set_moments(mean, var)
+        out._deferred_eps = float(eps)
+        return out
+
+    @property
+    def is_deferred(self) -> bool:
+        """True while the sample is not drawn (see :meth:`deferred`)."""
+        return self._deferred_eps is not None
+
+    def materialize_(self) -> "MomentTensor":
+        """Draw the sample of a deferred MomentTensor into its data, in place (autograd
+        connects it to the moments); no-op for a drawn one."""
+        if self._deferred_eps is None:
+            return self
+        from ..functional.local_reparam import lr_sample   # math layer; avoids an import cycle
+        mean, var, eps = self._mm, self._mv, self._deferred_eps
+        self._deferred_eps = None
+        sample = lr_sample(mean, var, eps)
+        with _disabled():
+            self.copy_(sample)
+        self._set_moments(mean, var)
+        return self
+
     @property
     def has_moments(self) -> bool:
         return has_moments(self)
 
     def plain(self) -> Tensor:
-        """The sample as a plain tensor (autograd-connected alias)."""
+        """The sample as a plain tensor (autograd-connected alias; drawn if deferred)."""
+        self.materialize_()
         with _disabled():
             return self.as_subclass(Tensor)
 
     def __repr__(self, *, tensor_contents=None):  # noqa: D105
+        if self.is_deferred:
+            with _disabled():
+                return (f"MomentTensor(deferred, shape={tuple(self.shape)}, "
+                        f"mean={self._mm!r}, var={self._mv!r})")
         with _disabled():
             body = repr(self.as_subclass(Tensor))
         return f"MomentTensor(sample={body}, has_moments={self.has_moments})"
@@ -140,6 +198,13 @@ class MomentTensor(Tensor):
             # another tensor-like (e.g. Brevitas' QuantTensor) handles the op first; it
             # calls the op again on plain values (and on this MomentTensor).
             return NotImplemented
+        deferred = _deferred_arguments(args, kwargs)
+        if deferred:
+            out = _deferred_call(func, args, kwargs, deferred)
+            if out is not NOT_HANDLED:
+                return out
+            for t in deferred:    # the op reads the data: draw it (in place, once)
+                t.materialize_()
         handler = HANDLERS.get(func)
         if handler is not None:
             out = handler(func, args, kwargs)
@@ -153,6 +218,56 @@ def _plain_call(func, args, kwargs):
     version counter moves, see MomentTensor._moments_valid)."""
     with _disabled():
         return func(*args, **kwargs)
+
+
+def _is_deferred(x) -> bool:
+    return isinstance(x, MomentTensor) and x._deferred_eps is not None
+
+
+def _deferred_arguments(args, kwargs) -> List["MomentTensor"]:
+    flat, _ = tree_flatten((args, kwargs))
+    return [a for a in flat if _is_deferred(a)]
+
+
+def _deferred_call(func, args, kwargs, deferred):
+    """The op on deferred MomentTensors without drawing a sample, or NOT_HANDLED."""
+    if func in _METADATA or (func is Tensor.type_as and not _is_deferred(args[0])):
+        return _plain_call(func, args, kwargs)   # reads shape / dtype / device only
+    if func is Tensor.requires_grad.__get__:
+        x = args[0]
+        return x._mm.requires_grad or x._mv.requires_grad
+    entry = DEFERRED_RULES.get(func)
+    if entry is None:
+        return NOT_HANDLED
+    flat, _ = tree_flatten((args, kwargs))
+    if sum(has_moments(a) for a in flat) != len(deferred):
+        return NOT_HANDLED   # a drawn MomentTensor among them: draw all (one kind of data)
+    rule, inplace = entry
+    moments = rule(func, args, kwargs)
+    if moments is None:
+        return NOT_HANDLED
+    mean, var = moments
+    shape = torch.broadcast_shapes(mean.shape, var.shape)
+    if mean.shape != var.shape:
+        with _disabled():
+            mean, var = mean.expand(shape), var.expand(shape)
+    if inplace:
+        x = args[0]
+        if not _is_deferred(x) or tuple(shape) != tuple(x.shape):
+            return NOT_HANDLED
+        x._set_moments(mean, var)
+        return x
+    return MomentTensor.deferred(mean, var, max(t._deferred_eps for t in deferred))
+
+
+def register_deferred(*funcs, inplace: bool = False):
+    """Register ``rule(func, args, kwargs) -> (mean, var) or None`` for deferred inputs."""
+    def deco(rule):
+        for f in funcs:
+            if callable(f) and not isinstance(f, torch.dtype):
+                DEFERRED_RULES[f] = (rule, inplace)
+        return rule
+    return deco
 
 
 def register(*funcs):

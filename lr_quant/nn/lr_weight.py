@@ -328,18 +328,23 @@ class LRWeightMixin:
         return self.pack_output(self.output_quant(output))
 
     def lr_preactivation(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """z = m + sqrt(v + eps) * e for an input x (a MomentTensor adds its variance)."""
+        """z = m + sqrt(v + eps) * e for an input x (a MomentTensor adds its variance).
+
+        With ``lr_output_moments`` the output is a *deferred* MomentTensor (m, v): the
+        sample is drawn only where an op reads it (MomentTensor.deferred); a following
+        BatchNorm, threshold and stochastic sign read only the moments."""
         x_mean, x_var = split_moments(x)  # x_var is None for a deterministic input
         core = compiled(LRWeightMixin._lr_sample_core) if self.lr_compile else \
             LRWeightMixin._lr_sample_core
-        sample, *moments = core(self, x_mean, x_var, bias)
-        if self.lr_output_moments:
-            return MomentTensor.from_moments(*moments, sample=sample, validate=False)
-        return sample
+        draw = not self.lr_output_moments
+        outputs = core(self, x_mean, x_var, bias, draw)
+        if draw:
+            return outputs[0]
+        return MomentTensor.deferred(*outputs, eps=self.lr_eps)
 
-    def _lr_sample_core(self, x_mean: Tensor, x_var: Optional[Tensor], bias: Optional[Tensor]
-                        ) -> Tuple[Tensor, ...]:
-        """(z, m, v) on plain tensors, or (z,) without ``lr_output_moments``: the region
+    def _lr_sample_core(self, x_mean: Tensor, x_var: Optional[Tensor], bias: Optional[Tensor],
+                        draw: bool = True) -> Tuple[Tensor, ...]:
+        """(z,) on plain tensors, or the moments (m, v) without drawing: the region
         ``lr_compile`` compiles (returning fewer tensors lets it keep fewer)."""
         weight_mean, weight_var, scale = self._scaled_moments()
         # the layer's own conv / linear operator (explicit class: also called unbound)
@@ -347,8 +352,7 @@ class LRWeightMixin:
         sq = self._weight_sq_per_output(scale) if x_var is not None else None
         mean, var = lr_moments(parent_op, x_mean, weight_mean, weight_var, bias, x_var=x_var,
                                weight_sq_per_output=sq)
-        sample = lr_sample(mean, var, self.lr_eps)
-        return (sample, mean, var) if self.lr_output_moments else (sample,)
+        return (lr_sample(mean, var, self.lr_eps),) if draw else (mean, var)
 
     def _load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -301,7 +301,8 @@ def test_non_finite_pretrained_weights_are_rejected():
 
 def test_moment_tensor_input_and_output():
     """A MomentTensor input adds op(v_x; E[w]^2 + Var[w]) to the variance; with
-    lr_output_moments the output carries (m, v) and its data is a sample of N(m, v)."""
+    lr_output_moments the output carries (m, v) and its data, drawn where read, is a sample
+    of N(m, v)."""
     from lr_quant.moments import MomentTensor, has_moments
 
     torch.manual_seed(0)
