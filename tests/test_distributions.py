@@ -339,3 +339,30 @@ def test_log_probabilities_round_trip(dist):
 def test_sharpen_rejects_non_positive_gain():
     with pytest.raises(ValueError, match="gain must be > 0"):
         BinaryDistribution().sharpen(torch.zeros(3), 0.0)
+
+
+@pytest.mark.parametrize("scale_shape", [(), (1, 1, 1), (4, 1, 1), (1, 3, 1)],
+                         ids=["scalar", "per-tensor", "per-channel", "other-dim"])
+def test_binary_scaled_moments_every_scale_layout_and_float32_accuracy(scale_shape):
+    """The binary node's scale gradient (a dot product per tensor / per leading channel, a
+    sum otherwise) equals autograd through mu s, var s^2 for every scale layout; in float32
+    its values match float64 tanh(theta/2) and sech^2(theta/2) to a few units of rounding,
+    var relatively so out to |theta| = 80 (no 1 - p^2 cancellation)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 3, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    scale = (torch.rand(scale_shape, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    g_mean, g_var = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64)
+    dist = BinaryDistribution()
+    mean, var = dist.scaled_moments(logits, scale)
+    grads = torch.autograd.grad((mean * g_mean + var * g_var).sum(), (logits, scale))
+    ref_mean = torch.tanh(logits / 2) * scale
+    ref_var = torch.cosh(logits / 2) ** -2 * scale ** 2
+    ref_grads = torch.autograd.grad((ref_mean * g_mean + ref_var * g_var).sum(), (logits, scale))
+    torch.testing.assert_close((mean, var), (ref_mean, ref_var))
+    torch.testing.assert_close(grads, ref_grads)
+    theta = torch.linspace(-80, 80, 3201).double()     # float32 values, exact in float64
+    mean32, var32 = dist.moments(theta.float())
+    exact_var = torch.cosh(theta / 2) ** -2
+    assert (var32 > 0).all()
+    torch.testing.assert_close(var32.double(), exact_var, rtol=4e-7, atol=0)
+    torch.testing.assert_close(mean32.double(), torch.tanh(theta / 2), rtol=0, atol=2e-7)
