@@ -29,7 +29,8 @@ Protocol (the fairness rules):
   stochastic_sign -> ste_sign, stochastic_ternary -> ste_ternary) through `--set`: same
   epochs, optimizer, schedule, distillation, data and learning-rate sweep. A cached run
   is named by its multiplier, not by the rates: after a recipe's rates change (resnet_w1a1
-  params_lr 1e-3 -> 3e-3 on 2026-12-01), move its older runs away.
+  params_lr 1e-3 -> 3e-3 and resnet_w2 likewise on 2026-12-01) the lab refuses the cache
+  (its runs' recorded rates differ) until the older runs are moved away.
 - Learning rate: the same sweep for every method: multipliers (default 0.3, 1, 3) applied
   to both train.logits_lr and train.params_lr of the method's recipe. For every (task,
   model, method, budget, seed) the multiplier with the best `frozen_val_accuracy` (a
@@ -286,11 +287,40 @@ def grid(args) -> List[Run]:
     return sorted(runs, key=lambda r: (r.cost(), r.seed, r.task, r.model, r.method, r.lr_mult))
 
 
+_RATE_FLAGS = ("--train.logits_lr", "--train.params_lr")
+
+
+def _rates(command: List[str]) -> Dict[str, str]:
+    return {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag in _RATE_FLAGS}
+
+
 def run_state(run: Run, cache: Path) -> str:
+    """"done", "failed", "todo", or "stale": done with other learning rates than the
+    method's recipe gives at this multiplier now (the recipe's rates changed since)."""
     folder = run.path(cache)
     if (folder / "metrics.json").exists():
+        lab_json = folder / "lab.json"
+        if lab_json.exists():
+            ran = _rates(json.loads(lab_json.read_text()).get("command", []))
+            now = _rates(method_args(run.method, run.model, run.lr_mult))
+            if ran and ran != now:
+                return "stale"
         return "done"
     return "failed" if (folder / "failed.json").exists() else "todo"
+
+
+def check_rates(runs: List[Run], cache: Path) -> None:
+    """Refuse a cache whose runs were made with other rates than their path's multiplier
+    gives now: a multiplier names a rate relative to the recipe, which may have changed."""
+    stale = [r for r in runs if run_state(r, cache) == "stale"]
+    if stale:
+        r = stale[0]
+        ran = _rates(json.loads((r.path(cache) / "lab.json").read_text())["command"])
+        now = _rates(method_args(r.method, r.model, r.lr_mult))
+        raise SystemExit(
+            f"error: {len(stale)} cached run(s) were trained with other learning rates than "
+            f"their recipe gives at their multiplier now, e.g. {r.path(cache)}: {ran}, now "
+            f"{now} (the recipe changed): move them away or use another --cache")
 
 
 def check_settings(cache: Path, settings: dict) -> None:
@@ -730,6 +760,7 @@ def main(argv=None) -> int:
               f"(+ up to {len(fps)} FP pretrainings); estimated {est / 3600:.1f} CPU-hours, "
               f"~{est / 3600 / args.jobs:.1f} h at --jobs {args.jobs}")
         return 0
+    check_rates(runs, args.cache)
     if args.report_only:
         lab_json = args.cache / "lab.json"
         if lab_json.exists():

@@ -168,6 +168,27 @@ def test_lr_vs_ste_verdicts(lab):
     assert q.verdict(0.4) == "tie" and q.verdict(-0.49) == "tie"
 
 
+def test_cache_refuses_runs_made_with_other_rates_than_the_recipe_gives_now(lab, tmp_path):
+    """A multiplier names a rate relative to the recipe: a cached run whose recorded command
+    used other rates (the recipe changed since) is "stale" and the lab refuses the cache,
+    naming the run and both rates; runs with the current rates are "done"."""
+    q, _ = lab
+    cache = tmp_path / "cache"
+    current = _fake_run(q, cache, 1.0, 0, val=0.7, test=0.7)
+    (current / "lab.json").write_text(json.dumps(
+        {"rc": 0, "wall_s": 10.0, "command": q.method_args("lr_w1", "resnet10t", 1.0)}))
+    old = _fake_run(q, cache, 3.0, 0, val=0.7, test=0.7)
+    command = q.method_args("lr_w1", "resnet10t", 3.0)
+    command[command.index("--train.params_lr") + 1] = "0.123"
+    (old / "lab.json").write_text(json.dumps({"rc": 0, "wall_s": 10.0, "command": command}))
+    runs = [q.Run("digits16", "resnet10t", "lr_w1", m, 2, 0) for m in (1.0, 3.0)]
+    assert [q.run_state(r, cache) for r in runs] == ["done", "stale"]
+    with pytest.raises(SystemExit, match=r"1 cached run\(s\).*0\.123.*another --cache"):
+        q.check_rates(runs, cache)
+    with pytest.raises(SystemExit, match="other learning rates"):
+        q.main(["--report-only", *GRID, "--cache", str(cache), "--out", str(tmp_path / "o")])
+
+
 def test_cache_refuses_other_settings(lab, tmp_path):
     q, _ = lab
     q.check_settings(tmp_path, {"fp_epochs": 15, "set": []})
