@@ -270,6 +270,7 @@ def test_deferred_moments_follow_affine_ops_without_a_draw_and_one_sample_is_dra
     y += 1.0
     assert isinstance(y, MomentTensor) and y.is_deferred and x.is_deferred
     assert y.shape == x.shape and y.dim() == 2 and y.dtype == x.dtype and y.numel() == 8 * R
+    assert y.requires_grad and y.device == x.device and y.is_deferred
     assert torch.zeros(1).type_as(y).dtype == y.dtype
     assert torch.equal(torch.get_rng_state(), state)          # nothing drawn so far
     torch.testing.assert_close(y.moment_mean, -(2.0 * x.moment_mean - shift) + 1.0)

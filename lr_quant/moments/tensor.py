@@ -31,6 +31,7 @@ _METADATA = frozenset(f for f in (
     Tensor.is_cuda.__get__, Tensor.is_meta.__get__, Tensor.is_sparse.__get__,
     Tensor.is_quantized.__get__, Tensor.is_nested.__get__, torch.is_floating_point,
     torch.numel) if f is not None)
+_REQUIRES_GRAD = Tensor.requires_grad.__get__
 
 
 def _disabled():
@@ -233,7 +234,7 @@ def _deferred_call(func, args, kwargs, deferred):
     """The op on deferred MomentTensors without drawing a sample, or NOT_HANDLED."""
     if func in _METADATA or (func is Tensor.type_as and not _is_deferred(args[0])):
         return _plain_call(func, args, kwargs)   # reads shape / dtype / device only
-    if func is Tensor.requires_grad.__get__:
+    if func == _REQUIRES_GRAD:   # a method-wrapper: equal, not identical, per access
         x = args[0]
         return x._mm.requires_grad or x._mv.requires_grad
     entry = DEFERRED_RULES.get(func)
