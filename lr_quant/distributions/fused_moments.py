@@ -133,8 +133,6 @@ class BinaryMoments(torch.autograd.Function):
         logits, *rest = ctx.saved_tensors
         mean, pq = BinaryMoments._stats(logits)
         scale = rest[0] if rest else None
-        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-        grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
         grad_scale = None
         if scale is not None and ctx.needs_input_grad[1]:
             grad_scale = (_channel_dot(grad_mean, mean, scale.shape) +

@@ -199,9 +199,10 @@ class MomentTensor(Tensor):
             # another tensor-like (e.g. Brevitas' QuantTensor) handles the op first; it
             # calls the op again on plain values (and on this MomentTensor).
             return NotImplemented
-        deferred = _deferred_arguments(args, kwargs)
+        flat, _ = tree_flatten((args, kwargs))
+        deferred = [a for a in flat if _is_deferred(a)]
         if deferred:
-            out = _deferred_call(func, args, kwargs, deferred)
+            out = _deferred_call(func, args, kwargs, deferred, flat)
             if out is not NOT_HANDLED:
                 return out
             for t in deferred:    # the op reads the data: draw it (in place, once)
@@ -225,12 +226,7 @@ def _is_deferred(x) -> bool:
     return isinstance(x, MomentTensor) and x._deferred_eps is not None
 
 
-def _deferred_arguments(args, kwargs) -> List["MomentTensor"]:
-    flat, _ = tree_flatten((args, kwargs))
-    return [a for a in flat if _is_deferred(a)]
-
-
-def _deferred_call(func, args, kwargs, deferred):
+def _deferred_call(func, args, kwargs, deferred: List["MomentTensor"], flat: list):
     """The op on deferred MomentTensors without drawing a sample, or NOT_HANDLED."""
     if func in _METADATA or (func is Tensor.type_as and not _is_deferred(args[0])):
         return _plain_call(func, args, kwargs)   # reads shape / dtype / device only
@@ -240,7 +236,6 @@ def _deferred_call(func, args, kwargs, deferred):
     entry = DEFERRED_RULES.get(func)
     if entry is None:
         return NOT_HANDLED
-    flat, _ = tree_flatten((args, kwargs))
     if sum(has_moments(a) for a in flat) != len(deferred):
         return NOT_HANDLED   # a drawn MomentTensor among them: draw all (one kind of data)
     rule, inplace = entry
