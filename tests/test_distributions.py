@@ -238,6 +238,30 @@ def test_check_logits_shape():
         TernaryDistribution().check_logits(torch.zeros(3, 4), (3, 4))
 
 
+def test_binary_scaled_moments_save_only_their_outputs_and_survive_a_zero_scale():
+    """The binary node keeps its outputs (which the convolution after it keeps anyway) and
+    the per-channel scale, nothing weight-sized of its own (no logits, no p / q); a scale of
+    exactly 0 still gets d/ds = sum(g_m mu) (autograd through tanh(theta/2) s) and the
+    logits a gradient of ~0 (that of s = 1e-30), no NaN."""
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(4, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    scale = torch.tensor([[0.0], [0.7], [-1.3], [0.0]], dtype=torch.float64,
+                         requires_grad=True)
+    g_mean, g_var = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mean, var = BinaryDistribution().scaled_moments(logits, scale)
+    weight_sized = {t.untyped_storage().data_ptr() for t in saved if t.shape == logits.shape}
+    assert weight_sized == {mean.untyped_storage().data_ptr(), var.untyped_storage().data_ptr()}
+    grads = torch.autograd.grad((mean * g_mean + var * g_var).sum(), (logits, scale))
+    ref_mean, ref_var = torch.tanh(logits / 2) * scale, torch.cosh(logits / 2) ** -2 * scale ** 2
+    ref_grads = torch.autograd.grad((ref_mean * g_mean + ref_var * g_var).sum(), (logits, scale))
+    torch.testing.assert_close((mean, var), (ref_mean, ref_var), rtol=1e-7, atol=1e-29)
+    torch.testing.assert_close(grads, ref_grads)
+    assert grads[0][scale.detach().reshape(-1) == 0].abs().max() < 1e-29
+    assert grads[1][0].abs() > 0.1
+
+
 def test_normalize_pretrained_weight():
     w = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])
     got = normalize_pretrained_weight(w)

@@ -103,45 +103,52 @@ def _channel_dot(a: Tensor, b: Tensor, shape) -> Tensor:
     return (a * b).sum_to_size(shape)
 
 
+# |s| below this is raised to it (sign +): the backward divides the saved
+# outputs by s, and at s = 0 they would have lost mu. The outputs move by < 1e-30 |mu|.
+_SMALLEST_SCALE = 1e-30
+
+
 class BinaryMoments(torch.autograd.Function):
     """mu = p - q, var = 4 p q with p = sigmoid(theta), q = sigmoid(-theta), each computed
     directly (no 1 - p: var stays accurate and > 0 for every theta; mu = tanh(theta/2) to
-    float rounding), times s and s^2 for a per-channel scale s. One node that saves only
-    the logits and s, with the fewest weight-sized passes found: 7 forward, 12 backward
-    (the composed tanh / sech^2 form took 11 and 19; a resnet18 step's weight moments ran
-    2x faster, benchmarks in docs/benchmarks.md). Backward by hand:
+    float rounding), times s and s^2 for a per-channel scale s. One node, 7 weight-sized
+    passes forward and 5 backward (3 without a scale): it saves its own
+    outputs M = mu s, V = var s^2, which the convolutions after it keep anyway, so the
+    backward needs no sigmoid (recomputing the statistics from theta took 12 passes; the
+    composed tanh / sech^2 form took 11 and 19). Backward by hand:
         dmu/dtheta = var / 2,  dvar/dtheta = -var mu
-        d/dtheta = p q (2 s g_m - 4 s^2 g_v mu),  d/ds = sum(g_m mu) + 8 s sum(g_v p q)."""
-
-    @staticmethod
-    def _stats(logits):
-        p = torch.sigmoid(logits)
-        q = torch.sigmoid(-logits)
-        return torch.sub(p, q), p.mul_(q)      # mu, p q
+        d/dtheta = (V / s)(g_m / 2 - g_v M),  d/ds = (sum(g_m M) + 2 sum(g_v V)) / s
+    (1/s is per channel; |s| < 1e-30 is raised to 1e-30 first, so s = 0 keeps a gradient)."""
 
     @staticmethod
     def forward(ctx, logits, scale):
-        mean, pq = BinaryMoments._stats(logits)
+        p = torch.sigmoid(logits)
+        q = torch.sigmoid(-logits)
+        mean, var = torch.sub(p, q), p.mul_(q)
         if scale is None:
-            ctx.save_for_backward(logits)
-            return mean, pq.mul_(4.0)
-        ctx.save_for_backward(logits, scale)
-        return mean.mul_(scale), pq.mul_(4.0 * scale * scale)
+            var.mul_(4.0)
+            ctx.save_for_backward(mean, var, None)
+            return mean, var
+        scale = torch.where(scale.abs() < _SMALLEST_SCALE,
+                            torch.full_like(scale, _SMALLEST_SCALE), scale)
+        mean.mul_(scale)
+        var.mul_(4.0 * scale * scale)
+        ctx.save_for_backward(mean, var, scale)
+        return mean, var
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var):
-        logits, *rest = ctx.saved_tensors
-        mean, pq = BinaryMoments._stats(logits)
-        scale = rest[0] if rest else None
-        grad_scale = None
-        if scale is not None and ctx.needs_input_grad[1]:
-            grad_scale = (_channel_dot(grad_mean, mean, scale.shape) +
-                          8.0 * scale * _channel_dot(grad_var, pq, scale.shape))
+        mean, var, scale = ctx.saved_tensors
+        # g_m - 2 g_v M, then times V and 1/2 (or 1/(2 s))
+        grad = torch.addcmul(grad_mean, grad_var, mean, value=-2.0).mul_(var)
         if scale is None:
-            grad = (grad_var * -4.0).mul_(mean).add_(grad_mean, alpha=2.0)
-        else:
-            grad = (grad_var * (-4.0 * scale * scale)).mul_(mean).addcmul_(grad_mean, 2.0 * scale)
-        return grad.mul_(pq), grad_scale
+            return grad.mul_(0.5), None
+        inverse = torch.reciprocal(scale)
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (_channel_dot(grad_mean, mean, scale.shape) +
+                          2.0 * _channel_dot(grad_var, var, scale.shape)) * inverse
+        return grad.mul_(0.5 * inverse), grad_scale
 
     @classmethod
     def moments(cls, logits, scale=None):

@@ -31,9 +31,10 @@ def _bn_affine(mean: Tensor, var: Tensor, mu: Tensor, var_b: Tensor, weight, bia
         scale = scale * weight
     if centered is None:
         centered = mean - mu.view(shape)
-    out_mean = centered * scale.view(shape)
     if bias is not None:
-        out_mean = out_mean + bias.view(shape)
+        out_mean = torch.addcmul(bias.view(shape), centered, scale.view(shape))   # one pass
+    else:
+        out_mean = centered * scale.view(shape)
     return out_mean, var * (scale * scale).view(shape)
 
 

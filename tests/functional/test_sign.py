@@ -262,12 +262,37 @@ def test_moments_node_equals_the_statistics_node_in_values_and_gradients(dtype):
                     torch.tensor([0.0, 9.5, -12.0, 15.0, 39.0, -41.0, 1e4], dtype=dtype)])
     v0 = torch.rand(m0.shape, generator=g, dtype=dtype) + 0.05
     weights = torch.randn(2, m0.numel(), generator=g, dtype=dtype)
+    _assert_same_moments_and_gradients(lambda m, v: sign_log_odds_and_moments(m, v, 0.1)[1:],
+                                       lambda m, v: sign_moments(m, v, 0.1), m0, v0, weights)
+
+
+def _assert_same_moments_and_gradients(reference, tested, m0, v0, weights):
+    """(E[s], Var[s]) and their gradients (a random linear loss) agree."""
     results = []
-    for fn in (lambda m, v: sign_log_odds_and_moments(m, v, 0.1)[1:],
-               lambda m, v: sign_moments(m, v, 0.1)):
+    for fn in (reference, tested):
         m, v = m0.clone().requires_grad_(), v0.clone().requires_grad_()
         mean, var = fn(m, v)
         grads = torch.autograd.grad((mean * weights[0] + var * weights[1]).sum(), (m, v))
         results.append((mean, var) + grads)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_node_clamps_like_the_statistics_node_below_the_clamp_free_bound(dtype):
+    """A z_max where the clamp matters (3): sign_fused.SignMoments takes its clamped branch
+    and still equals SignStatistics' moments (saturated beyond |z| = 3, zero gradient
+    there); at the package's Z_MAX both branches agree everywhere."""
+    from lr_quant.functional.sign import Z_MAX
+    from lr_quant.functional.sign_fused import SignMoments, SignStatistics
+
+    g = torch.Generator().manual_seed(1)
+    c0 = torch.randn(300, generator=g, dtype=dtype) * 4
+    v0 = torch.rand(c0.shape, generator=g, dtype=dtype) + 0.05
+    weights = torch.randn(2, c0.numel(), generator=g, dtype=dtype)
+    for z_max, reference_z_max in ((3.0, 3.0), (Z_MAX, 38.9)):
+        _assert_same_moments_and_gradients(
+            lambda c, v: SignStatistics.apply(c, v, 1e-6, True, reference_z_max)[1:],
+            lambda c, v: SignMoments.apply(c, v, 1e-6, z_max), c0, v0, weights)
+    z = c0 / (v0 + 1e-6).sqrt()
+    assert (z.abs() > 3).sum() > 50     # the clamp is exercised

@@ -131,3 +131,46 @@ def test_margin_inside_the_node_matches_finite_differences_and_the_clamp():
     x = torch.randn(50, dtype=torch.float64, generator=gen)
     assert torch.autograd.gradcheck(
         lambda s: SignStatistics.apply(x, s, 0.0, False, Z_MAX)[0], (sigma2,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_and_erfc_never_see_an_underflowing_argument(dtype):
+    """exp / erfc take a slow path (8-40x on CPU, flushing subnormals or not) where their
+    result underflows: every exp / erfc the sign nodes run, forward and backward, over
+    margins out to |z| = 1e4, gets an argument whose result is a normal float (recorded at
+    the aten level), and the saturated values are still exact (E[s] = +-1, Var[s] = 0)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lr_quant.functional.sign_fused import SignMoments
+
+    tiny = torch.finfo(dtype).tiny
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__.rstrip("_")
+            if name in ("exp", "erfc"):
+                seen.append((name, out.detach().clone()))
+            return out
+
+    z = torch.cat([torch.linspace(-60, 60, 2001, dtype=dtype),
+                   torch.tensor([-1e4, 1e4], dtype=dtype)]).requires_grad_(True)
+    v = torch.full_like(z, 0.3).requires_grad_(True)
+    weights = torch.randn(3, z.numel(), generator=torch.Generator().manual_seed(0),
+                          dtype=dtype)
+    with Record():
+        lo, mean_s, var_s = SignStatistics.apply(z, v, 1e-6, True, Z_MAX)
+        mean_m, var_m = SignMoments.apply(z, v, 1e-6, Z_MAX)
+        loss = ((lo * weights[0] + (mean_s + mean_m) * weights[1] +
+                 (var_s + var_m) * weights[2]).sum())
+        grads = torch.autograd.grad(loss, (z, v))
+    assert {name for name, _ in seen} == {"exp", "erfc"}
+    for name, out in seen:
+        assert (out.abs() >= tiny).all(), f"{name} underflowed"
+    margin = (z / (v + 1e-6).sqrt()).detach()
+    far = margin.abs() > (38.0 if dtype == torch.float64 else 13.1)   # Phi(-|z|) < tiny
+    assert far.sum() > 500
+    for mean, var in ((mean_s, var_s), (mean_m, var_m)):
+        assert torch.equal(mean[far], margin[far].sign()) and (var[far] == 0).all()
+    assert all(torch.isfinite(g).all() for g in grads)
