@@ -1,6 +1,6 @@
 """Measured evidence for the LR layer speed suggestions in docs/benchmarks.md (CPU).
 
-    python -m benchmarks.probes        # ~5 min on 2 shared cores; prints a small table
+    python -m benchmarks.probes [name ...]   # all: ~5 min on 2 shared cores; a small table
 
 1. torch.cosh is not vectorized on CPU: elementwise op timings on a weight-sized tensor.
 2. LRWeightMixin.lr_scale() calls quant_weight() (a weight-sized Brevitas quantization,
@@ -11,6 +11,9 @@
    random numbers and with fallback_random (issue 14).
 5. W1A1 steps with and without torch.set_flush_denormal(True) (denormal floats in the
    activation-moment path slow the CPU convolutions).
+6. exp and erfc on arguments whose results are normal, subnormal or zero, with subnormals
+   flushed and not (their underflow is a slow path whatever the flag; the sign nodes keep
+   their arguments off it).
 Every comparison alternates its configurations in one process; medians over rounds.
 """
 
@@ -167,18 +170,53 @@ def flush_denormal(rounds=4) -> dict:
         torch.set_flush_denormal(False)
 
 
+def underflow(rounds=9) -> dict:
+    """exp / erfc over 16x64x28x28 floats (an LR layer output at 112x112, batch 16)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(16 * 64 * 28 * 28, generator=g)
+    args = {"exp, normal results": (torch.exp, -80 * u),
+            "exp, subnormal results": (torch.exp, -87.5 - 15 * u),
+            "exp, results 0": (torch.exp, -110 - 50 * u),
+            "erfc, normal results": (torch.erfc, 9 * u),
+            "erfc, subnormal results": (torch.erfc, 9.2 + 0.8 * u),
+            "erfc, results 0": (torch.erfc, 10.1 + 5 * u)}
+    fns = {}
+    for flush in (False, True):
+        for name, (fn, x) in args.items():
+            def run(fn=fn, x=x, flush=flush):
+                torch.set_flush_denormal(flush)
+                fn(x)
+            fns[name + (", flushed" if flush else "")] = run
+    try:
+        return _alternate(fns, rounds)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+PROBES = {"elementwise": ("elementwise op on 2.36M floats (ms)", elementwise),
+          "scale_lookup": ("LR per-channel scale of a 512x512x3x3 layer, fwd+bwd (ms)",
+                           scale_lookup),
+          "sign_path": ("sign training math, 3.2M elements, fwd+bwd (ms)", sign_path),
+          "compiled_lr_layer": ("one LR 3x3 conv 64->64, 56x56, batch 16, fwd+bwd (ms)",
+                                compiled_lr_layer),
+          "flush_denormal": ("resnet18 W1A1 training step, batch 32, 32x32 (ms)",
+                             flush_denormal),
+          "underflow": ("exp / erfc on 802,816 floats (ms)", underflow)}
+
+
 def main(argv=None) -> int:
+    names = list(sys.argv[1:] if argv is None else argv) or list(PROBES)
+    unknown = sorted(set(names) - set(PROBES))
+    if unknown:
+        print(f"unknown probe(s) {unknown}; choose from {sorted(PROBES)}", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
-    for title, fn in [("elementwise op on 2.36M floats (ms)", elementwise),
-                      ("LR per-channel scale of a 512x512x3x3 layer, fwd+bwd (ms)", scale_lookup),
-                      ("sign training math, 3.2M elements, fwd+bwd (ms)", sign_path),
-                      ("one LR 3x3 conv 64->64, 56x56, batch 16, fwd+bwd (ms)",
-                       compiled_lr_layer),
-                      ("resnet18 W1A1 training step, batch 32, 32x32 (ms)", flush_denormal)]:
+    for name in names:
+        title, fn = PROBES[name]
         res = fn()
         print(title)
         for k, v in res.items():
-            print(f"  {k:28s} {v:8.1f}")
+            print(f"  {k:34s} {v:8.2f}")
         sys.stdout.flush()
     return 0
 

@@ -19,7 +19,8 @@ class ScaledMoments(torch.autograd.Function):
     """(mu s, var s^2) of a per-weight distribution with a per-channel scale s (or s = 1
     when None), fused into one autograd node: only the logits and s are saved, and the
     backward recomputes the elementwise statistics instead of keeping weight-sized tensors
-    alive (binary: 2, ternary: 6 fewer per layer). Subclasses give ``_stats(logits)`` ->
+    alive (ternary: 6 fewer per layer; binary has its own node, :class:`BinaryMoments`,
+    which saves its outputs instead). Subclasses give ``_stats(logits)`` ->
     (mu, var, aux) and ``_grad_logits(logits, aux, g_mu, g_var)`` for the unscaled
     moments; then d/ds = sum(g_m mu + 2 s g_v var) and the logits see g_m s, g_v s^2.
 
