@@ -40,7 +40,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._random import randn_as, randn_replayable
+from .._random import randn_replayable
 from .recompute import recompute_saved
 
 __all__ = ["LinearOp", "lr_moments", "lr_sample", "preactivation_snr", "DEFAULT_EPS"]
@@ -113,26 +113,16 @@ def lr_sample(
         var: Tensor,
         eps: float = DEFAULT_EPS,
         noise: Optional[Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-        replay_noise: Optional[bool] = None) -> Tensor:
+        generator: Optional[torch.Generator] = None) -> Tensor:
     """z = mean + sqrt(var + eps) * e, e ~ N(0, 1) i.i.d. per element.
 
     The square root and the noise are computed in at least float32; the result has the
     dtype of `mean`. Pass `noise` to reuse a draw (e.g. for finite differences).
-    `replay_noise`: the backward draws its own e again from the recorded generator state
-    instead of keeping it (one activation-sized tensor less per sample); default: on
-    accelerators, where drawing is a cheap memory-bound pass, not on CPU, where a draw costs
-    ~20 elementwise passes (torch's CPU normal_: mt19937 + Box-Muller).
     """
     compute_dtype = torch.promote_types(mean.dtype, torch.float32)
     replay = None
     if noise is None:
-        if replay_noise is None:
-            replay_noise = mean.device.type != "cpu"
-        if replay_noise:
-            noise, replay = randn_replayable(mean, compute_dtype, generator)
-        else:
-            noise = randn_as(mean, compute_dtype, generator)
+        noise, replay = randn_replayable(mean, compute_dtype, generator)
     elif noise.shape != mean.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != mean shape {tuple(mean.shape)}")
     if noise.requires_grad:   # a caller differentiating through its own draw

@@ -209,13 +209,11 @@ def test_preactivation_snr_channel_dim_and_bad_input():
         preactivation_snr(mean[:1], var[:1], channel_dim=-1)
 
 
-@pytest.mark.parametrize("replay_noise", [True, None], ids=["replay", "cpu-default"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sample_keeps_a_generator_state_not_the_noise(dtype, replay_noise):
-    """With replay_noise, an own draw is kept as the generator state it came from: the
-    backward draws it again, so autograd saves v alone (no activation-sized noise); the CPU
-    default keeps v and the noise itself. Either way values and gradients are exactly those
-    of the same draw passed in as `noise`."""
+def test_sample_keeps_a_generator_state_not_the_noise(dtype):
+    """An own draw is kept as the generator state it came from: the backward draws it again,
+    so autograd saves v alone (no activation-sized noise), and values and gradients are
+    exactly those of the same draw passed in as `noise`."""
     g = torch.Generator().manual_seed(0)
     mean0 = torch.randn(4, 6, 5, generator=g).to(dtype)
     var0 = (torch.rand(4, 6, 5, generator=g) + 0.01).to(dtype)
@@ -228,14 +226,12 @@ def test_sample_keeps_a_generator_state_not_the_noise(dtype, replay_noise):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
                                                       lambda t: t):
             if own_draw:
-                z = lr_sample(mean, var, eps=1e-3, replay_noise=replay_noise)
+                z = lr_sample(mean, var, eps=1e-3)
             else:
                 z = lr_sample(mean, var, eps=1e-3, noise=torch.randn(4, 6, 5))
         torch.manual_seed(99)   # the backward's replay must not depend on the global stream
         results.append((z,) + torch.autograd.grad((z.float() * weight).sum(), (mean, var)))
-        if own_draw and replay_noise:
+        if own_draw:
             assert len(saved) == 1 and saved[0] is var
-        elif own_draw:
-            assert len(saved) == 2 and saved[0] is var and saved[1].shape == var.shape
     for a, b in zip(*results):
         assert torch.equal(a, b)
