@@ -27,6 +27,7 @@ def section(results: dict, results_dir: str) -> str:
              f"`python -m benchmarks.readme`; full report with profiles: "
              f"[{results_dir}/results.md]({results_dir}/results.md), method and findings: "
              f"[docs/benchmarks.md](docs/benchmarks.md).", ""]
+    lines += [f"- {note}" for note in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
     if "speed_memory.png" in meta.get("plots", []):
         lines += [f"![training step time and memory vs FP]({results_dir}/speed_memory.png)", ""]
     if results.get("speed"):
