@@ -104,8 +104,9 @@ def _channel_dot(a: Tensor, b: Tensor, shape) -> Tensor:
     return (a * b).sum_to_size(shape)
 
 
-# |s| below this is raised to it (sign +): the backward divides the saved
-# outputs by s, and at s = 0 they would have lost mu. The outputs move by < 1e-30 |mu|.
+# |s| below this (or the dtype's smallest normal) is raised to it (sign +): the backward
+# divides the saved outputs by s, and at s = 0 they would have lost mu. The outputs move by
+# < 1e-30 |mu| in float32.
 _SMALLEST_SCALE = 1e-30
 
 
@@ -130,8 +131,8 @@ class BinaryMoments(torch.autograd.Function):
             var.mul_(4.0)
             ctx.save_for_backward(mean, var, None)
             return mean, var
-        scale = torch.where(scale.abs() < _SMALLEST_SCALE,
-                            torch.full_like(scale, _SMALLEST_SCALE), scale)
+        smallest = max(_SMALLEST_SCALE, torch.finfo(scale.dtype).tiny)   # float16: 6e-5
+        scale = torch.where(scale.abs() < smallest, torch.full_like(scale, smallest), scale)
         mean.mul_(scale)
         var.mul_(4.0 * scale * scale)
         ctx.save_for_backward(mean, var, scale)
