@@ -117,13 +117,13 @@ def sign_path(rounds=5) -> dict:
 
 def compiled_lr_layer(rounds=7) -> dict:
     """One 64->64 3x3 LR conv at 56x56, batch 16, forward + backward: eager, the compiled
-    region with Inductor's own random numbers, and with lr_quant's INDUCTOR_OPTIONS
-    (fallback_random), against the float conv."""
+    region with Inductor's own random numbers, and with lr_quant's CPU options
+    (fallback_random, NCHW layout), against the float conv."""
     import copy
 
     import lr_quant.nn.lr_weight as lr_weight
     from lr_quant import LRQuantConv2d, set_compile
-    from lr_quant.compile_regions import INDUCTOR_OPTIONS
+    from lr_quant.compile_regions import inductor_options
     from lr_quant.quant import lr_weight_quant
 
     torch.manual_seed(0)
@@ -132,9 +132,10 @@ def compiled_lr_layer(rounds=7) -> dict:
     x = torch.randn(16, 64, 56, 56, requires_grad=True)
     compiled_fns = {
         "inductor random": torch.compile(lr_weight.LRWeightMixin._lr_sample_core,
-                                         options={**INDUCTOR_OPTIONS, "fallback_random": False}),
+                                         options={**inductor_options("cpu"),
+                                                  "fallback_random": False}),
         "fallback_random": torch.compile(lr_weight.LRWeightMixin._lr_sample_core,
-                                         options=INDUCTOR_OPTIONS)}
+                                         options=inductor_options("cpu"))}
     original = lr_weight.compiled
     layers = {}
 
@@ -145,7 +146,7 @@ def compiled_lr_layer(rounds=7) -> dict:
 
         def run():
             if name != "eager":
-                lr_weight.compiled = lambda fn: compiled_fns[name]
+                lr_weight.compiled = lambda fn, device_type: compiled_fns[name]
             try:
                 layer(x).sum().backward()
             finally:

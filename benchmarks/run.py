@@ -24,7 +24,7 @@ import torch
 from . import accuracy, export_size, report, speed
 
 FULL = dict(
-    speed_models=["resnet18", "mobilenetv2_050"], speed_rounds=7,
+    speed_models=["resnet18", "mobilenetv2_050"], speed_rounds=11,
     speed_cases=[(32, 32), (112, 16), (224, 8)],   # (image size, batch)
     speed_methods=speed.SPEED_METHODS, profile_methods=["fp", "lr_w1", "ste_w1", "lr_w1a1"],
     micro_threads="1,2",

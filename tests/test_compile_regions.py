@@ -118,7 +118,8 @@ def test_trainer_compile_option_runs_the_regions_while_fitting(monkeypatch):
 
     calls = []
 
-    def recorder(fn):
+    def recorder(fn, device_type):
+        assert device_type == "cpu"
         calls.append(fn.__qualname__)
         return fn
 
@@ -138,3 +139,42 @@ def test_trainer_compile_option_runs_the_regions_while_fitting(monkeypatch):
     Trainer(model, TrainConfig(epochs=1, batch_size=40, seed=0), data, log=quiet,
             progress=False).fit()
     assert calls == []
+
+
+def test_cpu_regions_keep_the_nchw_layout_of_the_eager_code_around_them():
+    """With oneDNN, Inductor would turn a region's convolutions channels_last and convert
+    at every boundary with the eager NCHW code around it (slower, and it keeps more): every
+    4-d tensor the compiled region saves for the backward, its output and the input
+    gradient are NCHW-contiguous, and the numbers are eager's."""
+    from lr_quant import LRQuantConv2d
+    from lr_quant.quant import lr_weight_quant
+
+    torch.manual_seed(0)
+    eager = LRQuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1, bias=False),
+                                     weight_quant=lr_weight_quant("binary", True)).train()
+    fast = copy.deepcopy(eager)
+    set_compile(fast)
+    x = torch.randn(4, 8, 10, 10)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    results = []
+    for layer in (fast, eager):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(xi)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append((out.detach(), xi.grad, layer.weight_logits.grad))
+        if layer is fast:
+            planes = [t for t in saved if t.dim() == 4 and t.shape[1] > 1 and
+                      t.shape[2] * t.shape[3] > 1]
+            assert planes, "the compiled region saved no 4-d tensor"
+            assert all(t.is_contiguous() for t in planes), \
+                [(tuple(t.shape), t.stride()) for t in planes if not t.is_contiguous()]
+            assert out.is_contiguous() and xi.grad.is_contiguous()
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

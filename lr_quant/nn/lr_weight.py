@@ -334,8 +334,9 @@ class LRWeightMixin:
         sample is drawn only where an op reads it (MomentTensor.deferred); a following
         BatchNorm, threshold and stochastic sign read only the moments."""
         x_mean, x_var = split_moments(x)  # x_var is None for a deterministic input
-        core = compiled(LRWeightMixin._lr_sample_core) if self.lr_compile else \
-            LRWeightMixin._lr_sample_core
+        core = LRWeightMixin._lr_sample_core
+        if self.lr_compile:
+            core = compiled(core, x_mean.device.type)
         draw = not self.lr_output_moments
         outputs = core(self, x_mean, x_var, bias, draw)
         if draw:

@@ -189,12 +189,13 @@ class StochasticActQuant(_TolerateMissingKeys, nn.Module):
         if self.reads_moments_only and self.propagate_moments:
             moments = self._moments
             if self.lr_compile:
-                moments = functools.partial(compiled(type(self)._moments), self)
+                moments = functools.partial(
+                    compiled(type(self)._moments, mean.device.type), self)
             out_mean, out_var = moments(mean, var, eps)
             return MomentTensor.from_moments(out_mean, out_var, sample=out_mean, validate=False)
         sample = self._sample
         if self.lr_compile and self.generator is None:
-            sample = functools.partial(compiled(type(self)._sample), self)
+            sample = functools.partial(compiled(type(self)._sample, mean.device.type), self)
         y, moments = sample(mean, var, eps)
         if moments is not None:
             y = MomentTensor.from_moments(moments[0], moments[1], sample=y, validate=False)
