@@ -141,40 +141,56 @@ def test_trainer_compile_option_runs_the_regions_while_fitting(monkeypatch):
     assert calls == []
 
 
-def test_cpu_regions_keep_the_nchw_layout_of_the_eager_code_around_them():
+@pytest.mark.parametrize("output_moments", [False, True], ids=["sample", "moments"])
+def test_cpu_regions_keep_the_nchw_layout_and_save_what_eager_saves(output_moments):
     """With oneDNN, Inductor would turn a region's convolutions channels_last and convert
-    at every boundary with the eager NCHW code around it (slower, and it keeps more): every
-    4-d tensor the compiled region saves for the backward, its output and the input
-    gradient are NCHW-contiguous, and the numbers are eager's."""
+    at every boundary with the eager NCHW code around it (slower, and it keeps more); and its
+    partitioner would keep x^2 for the variance convolution's weight gradient, which eager
+    rebuilds from x. Every 4-d tensor the compiled region saves for the backward, its outputs
+    and the input gradient are NCHW-contiguous; it saves no more bytes than eager, except
+    the noise of a drawn sample (eager replays it from the generator state; a compiled
+    region keeps it); the numbers are eager's."""
     from lr_quant import LRQuantConv2d
+    from lr_quant.moments import split_moments
     from lr_quant.quant import lr_weight_quant
 
     torch.manual_seed(0)
     eager = LRQuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1, bias=False),
-                                     weight_quant=lr_weight_quant("binary", True)).train()
+                                     weight_quant=lr_weight_quant("binary", True),
+                                     lr_output_moments=output_moments).train()
     fast = copy.deepcopy(eager)
     set_compile(fast)
     x = torch.randn(4, 8, 10, 10)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    results = []
+    results, saved_bytes = [], []
     for layer in (fast, eager):
+        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        saved = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = (storage.nbytes(), t)
+            return t
+
         xi = x.clone().requires_grad_()
         torch.manual_seed(3)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = layer(xi)
-        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-        results.append((out.detach(), xi.grad, layer.weight_logits.grad))
+        outs = split_moments(out) if output_moments else (out, None)
+        outs = [o for o in outs if o is not None]
+        weights = [torch.linspace(-1, 1, o.numel()).view_as(o) * (k + 1)
+                   for k, o in enumerate(outs)]
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        results.append((*[o.detach() for o in outs], xi.grad, layer.weight_logits.grad))
+        saved_bytes.append(sum(n for n, _ in saved.values()))
         if layer is fast:
-            planes = [t for t in saved if t.dim() == 4 and t.shape[1] > 1 and
+            planes = [t for _, t in saved.values() if t.dim() == 4 and t.shape[1] > 1 and
                       t.shape[2] * t.shape[3] > 1]
             assert planes, "the compiled region saved no 4-d tensor"
             assert all(t.is_contiguous() for t in planes), \
                 [(tuple(t.shape), t.stride()) for t in planes if not t.is_contiguous()]
-            assert out.is_contiguous() and xi.grad.is_contiguous()
+            assert all(o.is_contiguous() for o in outs) and xi.grad.is_contiguous()
+    noise_bytes = 0 if output_moments else results[1][0].numel() * results[1][0].element_size()
+    assert 0 < saved_bytes[0] <= saved_bytes[1] + noise_bytes, (saved_bytes, noise_bytes)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

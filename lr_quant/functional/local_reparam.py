@@ -88,11 +88,17 @@ def lr_moments(
         raise ValueError(
             f"input mean and variance shapes differ: {tuple(x.shape)} vs {tuple(x_var.shape)}")
     mean = op(x, weight_mean, bias)
-    x_sq = x * x
-    # x^2 is rebuilt from x (which the mean's op keeps anyway) in the backward, not kept
-    keep_less = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    with recompute_saved((x_sq,), lambda: (x * x,)) if keep_less else contextlib.nullcontext():
+    # x^2 is rebuilt from x (which the mean's op keeps anyway) in the backward, not kept:
+    # saved-tensor hooks in eager, an activation-checkpointed square under torch.compile
+    # (its partitioner would keep x^2 for the weight gradient)
+    if torch.compiler.is_compiling():
+        x_sq = torch.utils.checkpoint.checkpoint(torch.mul, x, x, use_reentrant=False)
         var = _variance_op(op, x_sq, weight_var)
+    else:
+        x_sq = x * x
+        with recompute_saved((x_sq,), lambda: (x * x,)) if torch.is_grad_enabled() \
+                else contextlib.nullcontext():
+            var = _variance_op(op, x_sq, weight_var)
     if x_var is not None:
         channel_dim = -1 if weight_mean.dim() == 2 else 1
         dense = x_var.shape[channel_dim] == weight_mean.shape[1]   # groups == 1

@@ -10,6 +10,10 @@ saved tensor goes to the enclosing hooks, if any (e.g. a memory measurement), el
 (The weight moments E[w] s, Var[w] s^2 could go the same way, 2 x 45 MB per resnet18 step,
 but rebuilding them cost 8-21 % of a CPU W1 step when measured: not done; issue 14.)
 
+Inside ``torch.compile`` the hooks do not reach the compiled graph's saved tensors;
+``lr_moments`` wraps the square in ``torch.utils.checkpoint`` there, so that Inductor's
+partitioner recomputes it as well.
+
 First-order gradients only: a rebuilt tensor carries no autograd history, so a double
 backward (``create_graph=True``) through it would miss that part.
 """
